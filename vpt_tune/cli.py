@@ -1,0 +1,157 @@
+"""The ``vpt-tune`` command line: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from vpt_tune.spec import SpecError
+
+EPILOG = """examples:
+  vpt-tune search                                   # the built-in demo search (CPU, offline, minutes)
+  vpt-tune search search_spaces/demo.yaml --set search.trials_per_task=16
+  vpt-tune pareto vpt_results/demo-20261123-101500 --format json
+  vpt-tune cost --model vit_base_patch16_224 --img-size 224 --prompts 50 --placement deep
+  mlflow ui --backend-store-uri sqlite:///mlflow.db  # browse runs, fronts and tables
+"""
+
+
+def _search(args: argparse.Namespace) -> None:
+    from vpt_tune.search.runner import run_search
+    from vpt_tune.spec import load_spec
+
+    spec = load_spec(args.spec, args.set or [])
+    started = time.monotonic()
+    result = run_search(spec, name=args.name, storage=args.storage, mlflow_uri=args.mlflow_uri)
+    table = result.table
+    finished = table[table["status"] == "finished"]
+    print(f"\nfinished {len(finished)}/{len(table)} trials in {(time.monotonic() - started) / 60:.1f} min")
+    if not finished.empty:
+        print(_format_table(table[table["pareto"]]))
+    print(f"\nexperiment: {result.experiment_dir}")
+    print(f"fronts:     vpt-tune pareto {result.experiment_dir}")
+    print(f"MLflow:     mlflow ui --backend-store-uri {result.mlflow_uri}   (search run {result.parent_run_id})")
+
+
+def _format_table(table) -> str:
+    columns = ["task", "trial_id", "status", "val_acc", "prompt_tokens", "gflops", "pareto", "config"]
+    return table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _pareto(args: argparse.Namespace) -> None:
+    from vpt_tune.search.runner import load_table
+
+    table = load_table(args.experiment)
+    if not args.all:
+        table = table[table["pareto"]]
+    if args.format == "table":
+        print(_format_table(table))
+    elif args.format == "json":
+        records = [
+            {
+                "task": row["task"],
+                "trial_id": row["trial_id"],
+                "status": row["status"],
+                "config": json.loads(row["config"]),
+                "metrics": {k: row[k] for k in ("val_acc", "prompt_tokens", "gflops", "trainable_params")},
+                "pareto": bool(row["pareto"]),
+            }
+            for row in table.to_dict("records")
+        ]
+        print(json.dumps(records, indent=2, default=float))
+    elif args.format == "csv":
+        print(table.to_csv(index=False), end="")
+    else:
+        if not args.output:
+            raise SpecError("--format parquet needs --output FILE.parquet")
+        table.to_parquet(args.output, index=False)
+        print(f"wrote {len(table)} rows to {args.output}")
+
+
+def _cost(args: argparse.Namespace) -> None:
+    from vpt_tune.cost import ViTShape, prompted_cost
+    from vpt_tune.models.prompts import prompt_counts
+
+    shape = ViTShape.for_model(args.model, args.img_size)
+    try:
+        counts = prompt_counts(args.prompts, args.placement, shape.depth, args.depth, args.layers)
+    except ValueError as err:
+        raise SpecError(f"--placement {args.placement}: {err}") from None
+    cost = prompted_cost(shape, counts, args.num_classes)
+    print(f"model            {args.model} @ {args.img_size}px ({shape.depth} blocks, width {shape.embed_dim})")
+    print(f"prompts/block    {counts}")
+    print(f"prompt tokens    {cost.prompt_tokens:g} (mean over blocks)")
+    print(f"trainable params {cost.trainable_params:,} (prompts + {args.num_classes}-class head)")
+    print(f"GFLOPs           {cost.gflops:.2f} per image (multiply-adds)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``vpt-tune``."""
+    parser = argparse.ArgumentParser(
+        prog="vpt-tune",
+        description="Multi-objective hyperparameter search for visual prompt tuning of frozen timm ViTs "
+        "(accuracy vs prompt tokens vs GFLOPs), on Ray Tune + Optuna, tracked in MLflow.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    search = sub.add_parser("search", help="run a search described by a spec YAML",
+                            description="Run a prompt-tuning search; prints progress and where results go.")
+    search.add_argument("spec", nargs="?", default="demo",
+                        help="spec YAML file, or a built-in spec name (default: demo)")
+    search.add_argument("--name", help="experiment name (default: <spec name>-<timestamp>)")
+    search.add_argument("--storage", help="directory holding experiments (default: the spec's `storage`)")
+    search.add_argument("--mlflow-uri", help="MLflow tracking URI (default: spec, else sqlite:///./mlflow.db)")
+    search.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                        help="override a spec value, e.g. --set search.trials_per_task=16 (repeatable)")
+    search.set_defaults(func=_search)
+
+    pareto = sub.add_parser("pareto", help="print the Pareto fronts of a finished experiment")
+    pareto.add_argument("experiment", help="experiment directory printed by `vpt-tune search`")
+    pareto.add_argument("--all", action="store_true", help="all trials, not only Pareto-optimal ones")
+    pareto.add_argument("--format", choices=["table", "json", "csv", "parquet"], default="table")
+    pareto.add_argument("--output", "-o", help="file to write (required for parquet)")
+    pareto.set_defaults(func=_pareto)
+
+    cost = sub.add_parser("cost", help="prompt tokens, trainable parameters and GFLOPs of a configuration")
+    cost.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
+    cost.add_argument("--img-size", type=int, default=224)
+    cost.add_argument("--prompts", type=int, default=0, help="prompts per prompted block")
+    cost.add_argument("--placement", default="deep", help="shallow | deep | first_k | last_k | layers")
+    cost.add_argument("--depth", type=int, help="k for first_k / last_k")
+    cost.add_argument("--layers", type=int, nargs="+", help="block indices for placement 'layers'")
+    cost.add_argument("--num-classes", type=int, default=0, help="head classes (counts head params/FLOPs)")
+    cost.set_defaults(func=_cost)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vpt-tune`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - user-facing errors become one line, exit code 2
+        from vpt_tune.data.assets import AssetError
+        from vpt_tune.data.vtab import DataError
+        from vpt_tune.models.backbone import BackboneError
+
+        if args.debug or not isinstance(err, (SpecError, DataError, BackboneError, AssetError)):
+            traceback.print_exc()
+        if not isinstance(err, (SpecError, DataError, BackboneError, AssetError)):
+            return 1
+        print(f"vpt-tune: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

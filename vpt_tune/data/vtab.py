@@ -1,0 +1,100 @@
+"""The VTAB-1k folder layout: list files of ``relative/path <label>`` lines and images on disk.
+
+``<root>/<task>/{train800,val200,train800val200,test}.txt``; image paths are relative to the task
+folder. Images are resized straight to the model size (no crop, no augmentation) and normalised
+with the backbone's mean and std. Since there is no augmentation, a split is decoded once into a
+uint8 tensor and batches are normalised on the fly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+SPLITS = ("train800", "val200", "train800val200", "test")
+
+
+class DataError(ValueError):
+    """A dataset that is missing or malformed; the message names the file and the problem."""
+
+
+def read_list(task_dir: Path, split: str) -> list[tuple[Path, int]]:
+    """Parse ``<task_dir>/<split>.txt`` into (image path, label) pairs."""
+    list_file = task_dir / f"{split}.txt"
+    if not list_file.is_file():
+        raise DataError(f"{list_file}: list file missing (expected the VTAB-1k layout {'/'.join(SPLITS)}.txt)")
+    entries = []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        path, _, label = line.strip().rpartition(" ")
+        if not path or not label.lstrip("-").isdigit() or int(label) < 0:
+            raise DataError(f"{list_file}:{lineno}: expected '<relative/path> <label >= 0>', got {line!r}")
+        entries.append((task_dir / path, int(label)))
+    if not entries:
+        raise DataError(f"{list_file}: the split is empty")
+    return entries
+
+
+def num_classes(task_dir: Path) -> int:
+    """Number of classes of a task: one more than the largest label in its train+val and test lists."""
+    return 1 + max(label for split in ("train800val200", "test") for _, label in read_list(task_dir, split))
+
+
+def decode_image(path: Path, img_size: int) -> np.ndarray:
+    """Read an image file as RGB, resized to (img_size, img_size): uint8 array (3, S, S)."""
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((img_size, img_size), Image.BILINEAR)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image named in the list file does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{path}: unreadable or corrupt image ({err})") from None
+    return np.asarray(rgb).transpose(2, 0, 1)
+
+
+@dataclass
+class ImageSplit:
+    """One decoded split: uint8 images (N, 3, S, S), int64 labels (N,), normalisation constants."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None, indices: torch.Tensor | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised float batches; shuffled when a ``generator`` is given; restricted to ``indices``."""
+        order = torch.arange(len(self)) if indices is None else indices
+        if generator is not None:
+            order = order[torch.randperm(len(order), generator=generator)]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            images = (self.images[idx].float() / 255.0 - self.mean) / self.std
+            yield images, self.labels[idx]
+
+
+def load_split(
+    task_dir: Path, split: str, img_size: int, mean: Sequence[float], std: Sequence[float], classes: int
+) -> ImageSplit:
+    """Decode every image of ``split`` of the task at ``task_dir``; labels must be < ``classes``."""
+    entries = read_list(task_dir, split)
+    for path, label in entries:
+        if label >= classes:
+            raise DataError(f"{task_dir / split}.txt: label {label} of {path.name} is out of range [0, {classes})")
+    images = np.stack([decode_image(path, img_size) for path, _ in entries])
+    return ImageSplit(
+        images=torch.from_numpy(images),
+        labels=torch.tensor([label for _, label in entries], dtype=torch.long),
+        mean=torch.tensor(mean).view(1, 3, 1, 1),
+        std=torch.tensor(std).view(1, 3, 1, 1),
+    )

@@ -1,0 +1,66 @@
+"""The per-trial Tune function: turns a sampled config into a Ray Train job and runs it.
+
+The trial itself holds no CPU (see :func:`trial_resources`): its Train workers hold them, so a
+trial never starves its own workers on a small machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from ray import tune
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from vpt_tune.spec import Spec
+from vpt_tune.train.job import Job, job_cost
+from vpt_tune.train.worker import train_worker
+
+TRIAL_PARAMS = ("num_prompts", "placement", "depth", "layers", "base_lr", "weight_decay", "prompt_dropout")
+
+
+def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
+    """The training job of a trial config (sampled + fixed values) on one task."""
+    params = {k: config[k] for k in TRIAL_PARAMS if config.get(k) is not None}
+    return Job(
+        model=spec.backbone.model,
+        weights=spec.backbone.weights,
+        img_size=spec.backbone.img_size,
+        task_dir=task_dir,
+        params=params,
+        epochs=spec.train.epochs,
+        batch_size=spec.train.batch_size,
+        warmup_epochs=spec.train.warmup_epochs,
+        optimizer=spec.train.optimizer,
+        seed=spec.train.seed,
+    )
+
+
+def trial_resources() -> tune.PlacementGroupFactory:
+    """A trial bundle with no CPU and a token of memory: the Train workers hold the real resources."""
+    return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1 << 20}])
+
+
+def run_trial(config: dict[str, Any], spec_json: str, task_dir: str, train_storage: str) -> None:
+    """Tune function trainable: one trial = one TorchTrainer run named after the trial."""
+    spec = Spec.model_validate_json(spec_json)
+    job = make_job(spec, task_dir, config)
+    res = spec.resources
+    use_gpu = res.gpus_per_worker > 0
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    trial_name = tune.get_context().get_trial_name()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "job": asdict(job),
+            "report": job_cost(job).as_dict(),
+            "threads": res.cpus_per_worker,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=res.workers_per_trial, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(name=trial_name, storage_path=train_storage, callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()

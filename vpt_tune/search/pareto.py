@@ -1,0 +1,66 @@
+"""Pareto fronts of finished trials: non-dominated sets and front figures (plotly HTML, PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vpt_tune.spec import OBJECTIVES
+
+
+def pareto_mask(table: pd.DataFrame, objectives: dict[str, str] = OBJECTIVES) -> np.ndarray:
+    """Boolean mask of the rows of ``table`` that no other row dominates.
+
+    ``objectives`` maps column -> "max" | "min". Written here because Optuna's non-dominated sort is
+    private API and works on its own trial objects, not on a table of results.
+    """
+    if table.empty:
+        return np.zeros(0, dtype=bool)
+    signs = np.array([1.0 if mode == "min" else -1.0 for mode in objectives.values()])
+    costs = table[list(objectives)].to_numpy(dtype=float) * signs  # all minimised
+    no_worse = (costs[:, None, :] <= costs[None, :, :]).all(axis=2)  # [i, j]: i is no worse than j
+    better = (costs[:, None, :] < costs[None, :, :]).any(axis=2)
+    dominated = (no_worse & better).any(axis=0)
+    return ~dominated
+
+
+def front_figure(table: pd.DataFrame, cost: str, title: str):
+    """Interactive plotly scatter of val_acc vs ``cost``; the 2-D front is drawn, dominated points faded.
+
+    Hovering a point shows its trial id and config.
+    """
+    import plotly.graph_objects as go
+
+    front2d = pareto_mask(table, {"val_acc": "max", cost: "min"})
+    fig = go.Figure()
+    for on_front, name, opacity in ((False, "dominated", 0.3), (True, "Pareto front", 1.0)):
+        part = table[front2d == on_front].sort_values(cost)
+        hover = [f"trial {t}<br>{json.dumps(json.loads(c))}" for t, c in zip(part["trial_id"], part["config"])]
+        fig.add_trace(go.Scatter(
+            x=part[cost], y=part["val_acc"], name=name, text=hover, hoverinfo="text+x+y", opacity=opacity,
+            mode="lines+markers" if on_front else "markers", line={"shape": "hv"},
+        ))
+    fig.update_layout(title=title, xaxis_title=cost, yaxis_title="val_acc", template="plotly_white")
+    return fig
+
+
+def front_png(table: pd.DataFrame, cost: str, title: str, path: Path) -> None:
+    """Static PNG of the same front (matplotlib: plotly's PNG export needs a browser)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front2d = pareto_mask(table, {"val_acc": "max", cost: "min"})
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.scatter(table[cost][~front2d], table["val_acc"][~front2d], alpha=0.3, label="dominated")
+    front = table[front2d].sort_values(cost)
+    ax.step(front[cost], front["val_acc"], where="post", marker="o", label="Pareto front")
+    ax.set(xlabel=cost, ylabel="val_acc", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

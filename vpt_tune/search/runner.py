@@ -1,0 +1,242 @@
+"""Runs a search: checks the spec's inputs, then per task a Ray Tune experiment driven by Optuna.
+
+Layout of an experiment directory ``<storage>/<name>/``::
+
+    spec.yaml            the validated spec as run
+    optuna.journal       every task's Optuna study (one study per task, named after it)
+    <task>/              the Tune experiment of that task (trial states, results)
+    train_runs/          the Ray Train run of each trial (checkpoints: prompts + head)
+    trials.parquet       one row per trial of every task, with its metrics and `pareto` flag
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from vpt_tune.cost import ViTShape
+from vpt_tune.data.demo import materialise
+from vpt_tune.models.backbone import BackboneError
+from vpt_tune.search.driver import run_trial, trial_resources
+from vpt_tune.search.pareto import pareto_mask
+from vpt_tune.search.space import define_by_run, make_sampler
+from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri
+from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError
+from vpt_tune.train.job import resolve_weights
+
+METRIC_COLUMNS = ("val_acc", "prompt_tokens", "gflops", "trainable_params", "train_loss", "epoch")
+TABLE_FILE = "trials.parquet"
+
+
+@dataclass
+class SearchResult:
+    """Where a finished search lives and its trial table."""
+
+    experiment_dir: Path
+    table: pd.DataFrame
+    mlflow_uri: str
+    parent_run_id: str
+
+
+def task_dirs(spec: Spec, progress: Callable[[str], None] = print) -> dict[str, Path]:
+    """The folder of every task, materialising built-in demo tasks; all missing tasks reported at once."""
+    if spec.data.root is None:
+        from vpt_tune.data.assets import cache_dir
+
+        root = cache_dir() / "datasets" / "demo"
+        progress(f"demo tasks under {root}")
+        return {task: materialise(task, root) for task in spec.data.tasks}
+    root = Path(spec.data.root).expanduser()
+    if not root.is_dir():
+        raise SpecError(f"data.root: {root} does not exist; point it at your VTAB-1k folder")
+    missing = [t for t in spec.data.tasks if not (root / t).is_dir()]
+    if missing:
+        raise SpecError(f"data.tasks: no folder for {', '.join(missing)} under {root}")
+    return {task: root / task for task in spec.data.tasks}
+
+
+def check_model(spec: Spec) -> None:
+    """Fail early on an unknown model, a missing weights file or a depth beyond the model's blocks."""
+    try:
+        shape = ViTShape.for_model(spec.backbone.model, spec.backbone.img_size)
+    except RuntimeError as err:  # timm raises RuntimeError for unknown names
+        raise SpecError(f"backbone.model: {err}") from None
+    weights = spec.backbone.weights
+    if weights not in ("demo", "hub", "random") and not Path(weights).expanduser().is_file():
+        raise SpecError(f"backbone.weights: file {weights} does not exist (or use demo, hub, random)")
+    depth = spec.space.depth
+    high = depth.int_range[1] if isinstance(depth, Param) and depth.int_range else depth
+    if isinstance(high, int) and high > shape.depth:
+        raise SpecError(f"space.depth: {high} exceeds the {shape.depth} blocks of {spec.backbone.model}")
+
+
+def concurrency(spec: Spec) -> int:
+    """How many trials fit at once: by GPUs when trials use GPUs, else by CPUs."""
+    res, total = spec.resources, ray.cluster_resources()
+    if spec.search.max_concurrent_trials:
+        return spec.search.max_concurrent_trials
+    if res.gpus_per_worker > 0:
+        fit = total.get("GPU", 0) // (res.gpus_per_worker * res.workers_per_trial)
+        if fit < 1:
+            raise SpecError(
+                f"resources.gpus_per_worker: the trials ask for GPUs but the Ray cluster has "
+                f"{total.get('GPU', 0):g}; set gpus_per_worker: 0 to train on CPU"
+            )
+    else:
+        fit = total.get("CPU", 0) // (res.cpus_per_worker * res.workers_per_trial)
+        if fit < 1:
+            raise SpecError(f"resources: a trial needs more CPUs than the Ray cluster has ({total.get('CPU', 0):g})")
+    return int(fit)
+
+
+class ProgressPrinter(tune.Callback):
+    """Prints one line per finished trial: done/total, the trial's objectives, the front size, ETA."""
+
+    def __init__(self, task: str, total: int, progress: Callable[[str], None]):
+        self.task, self.total, self.progress = task, total, progress
+        self.started = time.monotonic()
+        self.finished: list[dict] = []
+
+    def _line(self, trial, outcome: str) -> None:
+        elapsed = time.monotonic() - self.started
+        done = len(self.finished)
+        eta = elapsed / max(1, done) * (self.total - done)
+        front = int(pareto_mask(pd.DataFrame(self.finished)).sum()) if self.finished else 0
+        self.progress(
+            f"[{self.task}] {done}/{self.total} trials | {trial.trial_id}: {outcome} | "
+            f"front: {front} pts | {elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left"
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result
+        self.finished.append({k: r[k] for k in OBJECTIVES})
+        self._line(trial, f"val_acc {r['val_acc']:.3f}, {r['prompt_tokens']:.1f} tokens, {r['gflops']:.2f} GFLOPs")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished.append({"val_acc": -1.0, "prompt_tokens": float("inf"), "gflops": float("inf")})
+        self._line(trial, "FAILED")
+
+
+def results_table(task: str, grid: tune.ResultGrid, run_ids: dict[str, str]) -> pd.DataFrame:
+    """One row per trial of ``grid``: ids, status, config (JSON), metrics, MLflow run id, pareto flag."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        config = {k: v for k, v in (result.config or {}).items()}
+        rows.append({
+            "task": task,
+            "trial_id": trial_id,
+            "status": "failed" if result.error else "finished",
+            "error": str(result.error).strip().splitlines()[-1][:500] if result.error else "",
+            "config": json.dumps(config, sort_keys=True),
+            **{k: metrics.get(k) for k in METRIC_COLUMNS},
+            "mlflow_run_id": run_ids.get(trial_id, ""),
+        })
+    table = pd.DataFrame(rows)
+    finished = table["status"] == "finished"
+    table["pareto"] = False
+    table.loc[finished, "pareto"] = pareto_mask(table[finished])
+    return table
+
+
+def run_search(
+    spec: Spec,
+    name: str | None = None,
+    storage: str | None = None,
+    mlflow_uri: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run the whole search of ``spec``; return the experiment directory and the trial table."""
+    name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment_dir = Path(storage or spec.storage).expanduser().resolve() / name
+    if experiment_dir.exists():
+        raise SpecError(f"--name: experiment {experiment_dir} exists already; choose another --name")
+    check_model(spec)
+    tasks = task_dirs(spec, progress)
+    if spec.backbone.weights == "demo":
+        resolve_weights("demo")  # download + convert once, before any trial needs it
+    uri = mlflow_uri or spec.tracking.mlflow_uri or default_tracking_uri()
+    tracker = Tracker(uri, spec.tracking.experiment)
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    parallel = concurrency(spec)
+    experiment_dir.mkdir(parents=True)
+    (experiment_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(by_alias=True, exclude_none=True)))
+    progress(f"experiment: {experiment_dir}")
+    progress(f"{len(tasks)} task(s) x {spec.search.trials_per_task} trials, {parallel} at a time")
+
+    parent = tracker.start_run(name, tags={"experiment_dir": str(experiment_dir)})
+    tracker.log_params(parent, {
+        "model": spec.backbone.model, "img_size": spec.backbone.img_size, "tasks": ",".join(tasks),
+        "sampler": spec.search.sampler, "trials_per_task": spec.search.trials_per_task,
+    })
+    tracker.client.log_artifact(parent, str(experiment_dir / "spec.yaml"))
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(experiment_dir / "optuna.journal"))
+    )
+    tables = []
+    for task, task_dir in tasks.items():
+        task_run = tracker.start_run(task, parent, {"task": task})
+        logger = TrialLogger(tracker, task, task_run)
+        searcher = OptunaSearch(
+            space=define_by_run(spec.space),
+            metric=list(OBJECTIVES),
+            mode=list(OBJECTIVES.values()),
+            sampler=make_sampler(spec.search),
+            study_name=task,
+            storage=journal,
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                run_trial,
+                spec_json=spec.model_dump_json(by_alias=True),
+                task_dir=str(task_dir),
+                train_storage=str(experiment_dir / "train_runs"),
+            ),
+            trial_resources(),
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, num_samples=spec.search.trials_per_task, max_concurrent_trials=parallel
+            ),
+            run_config=tune.RunConfig(
+                name=task,
+                storage_path=str(experiment_dir),
+                verbose=0,
+                callbacks=[logger, ProgressPrinter(task, spec.search.trials_per_task, progress)],
+            ),
+        )
+        table = results_table(task, tuner.fit(), logger.run_ids)
+        for row in table.itertuples():
+            if row.mlflow_run_id:
+                tracker.set_tags(row.mlflow_run_id, {"pareto": str(bool(row.pareto)).lower()})
+        tracker.log_fronts(task_run, table, task)
+        tracker.log_fronts(parent, table, task, artifact_path=task)
+        tracker.end_run(task_run)
+        tables.append(table)
+
+    table = pd.concat(tables, ignore_index=True)
+    table.to_parquet(experiment_dir / TABLE_FILE, index=False)
+    tracker.end_run(parent)
+    return SearchResult(experiment_dir, table, uri, parent)
+
+
+def load_table(experiment: str | Path) -> pd.DataFrame:
+    """The trial table of a finished experiment directory."""
+    path = Path(experiment).expanduser() / TABLE_FILE
+    if not path.is_file():
+        raise SpecError(f"{path}: no trial table; is {experiment} a finished vpt-tune experiment directory?")
+    return pd.read_parquet(path)

@@ -1,0 +1,112 @@
+"""MLflow tracking: search run -> task runs -> trial runs, fronts and tables as artifacts.
+
+All writes happen in the search driver process (Tune callbacks run there), so one writer talks to
+the store: no sqlite locking between trial processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from ray import tune
+
+from vpt_tune.search.pareto import front_figure, front_png
+
+FRONT_COSTS = ("prompt_tokens", "gflops")
+
+
+def default_tracking_uri() -> str:
+    """``sqlite:///<cwd>/mlflow.db`` as an absolute URI."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+class Tracker:
+    """Creates and fills the MLflow runs of one search."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def start_run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+        """Create a run (nested under ``parent``) and return its id."""
+        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        if parent:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent
+        return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        """Log the finite numeric entries of ``metrics``."""
+        now = int(pd.Timestamp.now().timestamp() * 1000)
+        numeric = [
+            Metric(k, float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        if numeric:
+            self.client.log_batch(run_id, metrics=numeric)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_fronts(self, run_id: str, table: pd.DataFrame, title: str, artifact_path: str | None = None) -> None:
+        """Log the val_acc-vs-cost fronts (self-contained HTML + PNG) and the trial table (parquet)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            finished = table[table["status"] == "finished"]
+            for cost in FRONT_COSTS:
+                name = f"front_val_acc_vs_{cost}"
+                front_figure(finished, cost, f"{title}: val_acc vs {cost}").write_html(
+                    out / f"{name}.html", include_plotlyjs=True  # viewable offline
+                )
+                front_png(finished, cost, f"{title}: val_acc vs {cost}", out / f"{name}.png")
+            table.to_parquet(out / "trials.parquet", index=False)
+            self.client.log_artifacts(run_id, tmp, artifact_path)
+
+
+class TrialLogger(tune.Callback):
+    """Tune callback: one MLflow run per trial under the task run, per-epoch metrics, final status."""
+
+    def __init__(self, tracker: Tracker, task: str, task_run_id: str):
+        self.tracker = tracker
+        self.task = task
+        self.task_run_id = task_run_id
+        self.run_ids: dict[str, str] = {}
+
+    def _run_id(self, trial) -> str:
+        if trial.trial_id not in self.run_ids:
+            run_id = self.tracker.start_run(
+                f"{self.task}-{trial.trial_id}", self.task_run_id, {"task": self.task, "trial_id": trial.trial_id}
+            )
+            self.tracker.log_params(run_id, trial.config)
+            self.run_ids[trial.trial_id] = run_id
+        return self.run_ids[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.tracker.log_metrics(self._run_id(trial), result, step=int(result.get("epoch", 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.tracker.set_tags(self._run_id(trial), {"status": "finished"})
+        self.tracker.end_run(self._run_id(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = str(getattr(trial, "error_msg", None) or "trial failed").strip().splitlines()[-1][:500]
+        self.tracker.set_tags(self._run_id(trial), {"status": "failed", "error": error})
+        self.tracker.end_run(self._run_id(trial), "FAILED")

@@ -1,0 +1,250 @@
+"""The search spec: a YAML file turned into validated, typed objects with errors that name the key.
+
+Strings may reference environment variables as ``${NAME}``; ``--set key.path=value`` overrides
+are applied before validation. Unknown keys are errors. See README.md for every key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+from vpt_tune.models.prompts import PLACEMENTS
+
+OBJECTIVES = {"val_acc": "max", "prompt_tokens": "min", "gflops": "min"}
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file, the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Param(_Strict):
+    """A searched parameter: exactly one of ``int: [lo, hi]``, ``float: [lo, hi]``, ``choice: [...]``.
+
+    ``log`` samples on a log scale, ``step`` quantises, ``when: {param: [values]}`` samples it only
+    when an earlier parameter took one of those values.
+    """
+
+    int_range: tuple[int, int] | None = Field(None, alias="int")
+    float_range: tuple[float, float] | None = Field(None, alias="float")
+    choice: list[Any] | None = None
+    log: bool = False
+    step: float | None = None
+    when: dict[str, list[Any]] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Param":
+        kinds = [k for k in ("int_range", "float_range", "choice") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of int: [low, high], float: [low, high] or choice: [...]")
+        bounds = self.int_range or self.float_range
+        if bounds is not None:
+            low, high = bounds
+            if low > high:
+                raise ValueError(f"low {low} > high {high}: write the range as [low, high]")
+            if self.log and low <= 0:
+                raise ValueError(f"log: true needs a positive low bound, got {low}")
+            if self.log and self.step is not None:
+                raise ValueError("log and step cannot be combined (optuna samples one or the other)")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice: [] is empty; list at least one value")
+        return self
+
+    def values(self) -> list[Any] | None:
+        """The finite set of values this parameter can take, or None for a range."""
+        return self.choice
+
+
+def _searchable(fixed: Any) -> Any:
+    """A spec entry that is either a :class:`Param` (a mapping) or a fixed value of type ``fixed``."""
+    return Annotated[
+        Union[Annotated[Param, Tag("searched")], Annotated[fixed, Tag("fixed")]],
+        Discriminator(lambda v: "searched" if isinstance(v, (dict, Param)) else "fixed"),
+    ]
+
+
+class Space(_Strict):
+    """What each trial samples: every entry is a :class:`Param` or a fixed value."""
+
+    num_prompts: _searchable(int) = 10
+    placement: _searchable(str) = "deep"
+    depth: _searchable(int) | None = None
+    layers: list[int] | None = None
+    base_lr: _searchable(float) = 1.0
+    weight_decay: _searchable(float) = 0.0
+    prompt_dropout: _searchable(float) = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "Space":
+        placements = self.placement.values() if isinstance(self.placement, Param) else [self.placement]
+        if placements is None or any(p not in PLACEMENTS for p in placements):
+            raise ValueError(f"placement values must be among {list(PLACEMENTS)}, got {placements}")
+        if any(p in ("first_k", "last_k") for p in placements) and self.depth is None:
+            raise ValueError("placement first_k/last_k needs `depth` (an int or a Param)")
+        if "layers" in placements and not self.layers:
+            raise ValueError("placement 'layers' needs `layers: [block indices]`")
+        names = list(type(self).model_fields)
+        for name, param in self.searched().items():
+            for ref in param.when or {}:
+                if ref not in names[: names.index(name)]:
+                    raise ValueError(f"{name}.when refers to {ref!r}, which is not a parameter listed before it")
+        if not self.searched():
+            raise ValueError("the search space is empty: make at least one entry a Param (int/float/choice)")
+        return self
+
+    def searched(self) -> dict[str, Param]:
+        """The entries that are searched, in order."""
+        return {name: value for name, value in self if isinstance(value, Param)}
+
+
+class BackboneSpec(_Strict):
+    """``model``: a timm ViT name; ``weights``: ``demo``, ``random``, ``hub`` or a local file."""
+
+    model: str = "vit_small_patch14_dinov2"
+    weights: str = "demo"
+    img_size: int = Field(56, gt=0)
+
+
+class DataSpec(_Strict):
+    """``root``: a VTAB-1k folder, or null for the built-in demo tasks; ``tasks``: task folder names."""
+
+    root: str | None = None
+    benchmark: Literal["vtab-1k"] = "vtab-1k"
+    tasks: list[str] = Field(default_factory=lambda: ["digits"], min_length=1)
+
+
+class TrainSpec(_Strict):
+    """Schedule shared by every trial."""
+
+    epochs: int = Field(10, gt=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    batch_size: int = Field(32, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    seed: int = 0
+
+
+class SearchSpec(_Strict):
+    """Budget and sampler of the search."""
+
+    sampler: str = "tpe"
+    trials_per_task: int = Field(16, gt=0)
+    seed: int = 0
+    max_concurrent_trials: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchSpec":
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    """Ray Train workers of one trial and what each holds."""
+
+    workers_per_trial: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class TrackingSpec(_Strict):
+    """Where MLflow runs go (``mlflow_uri`` null: ``sqlite:///mlflow.db`` in the working directory)."""
+
+    mlflow_uri: str | None = None
+    experiment: str = "vpt-tune"
+
+
+class Spec(_Strict):
+    """A whole search."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    backbone: BackboneSpec = BackboneSpec()
+    data: DataSpec = DataSpec()
+    method: Literal["vpt"] = "vpt"
+    objectives: list[str] = Field(default_factory=lambda: list(OBJECTIVES))
+    space: Space
+    train: TrainSpec = TrainSpec()
+    search: SearchSpec = SearchSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    storage: str = "vpt_results"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Spec":
+        if sorted(self.objectives) != sorted(OBJECTIVES):
+            raise ValueError(f"objectives must be {list(OBJECTIVES)} (other objectives are not supported yet)")
+        return self
+
+
+def builtin_spec(name: str) -> Path | None:
+    """The packaged spec called ``name`` (``demo`` or ``demo.yaml``), if there is one."""
+    path = resources.files("vpt_tune") / "search_spaces" / (name if name.endswith(".yaml") else f"{name}.yaml")
+    return Path(str(path)) if path.is_file() else None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
+    """Read, expand, override and validate a spec file (or a built-in spec name)."""
+    path = Path(path)
+    if not path.is_file():
+        path = builtin_spec(path.name) or path
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found (built-in specs: demo)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec is a YAML mapping of keys (name, space, train, ...)")
+    for override in overrides:
+        _apply_override(raw, override, path)
+    return validate(_expand_env(raw, path), path)
+
+
+def validate(raw: dict, source: str | Path = "<spec>") -> Spec:
+    """Validate a spec mapping; errors name every offending key path."""
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"] if p not in ("searched", "fixed"))
+            key = key.replace("int_range", "int").replace("float_range", "float")
+            problems.append(f"{key or '(top level)'}: {e['msg'].removeprefix('Value error, ')}")
+        raise SpecError(f"{source}: invalid spec\n  " + "\n  ".join(problems)) from None
+
+
+def _apply_override(raw: dict, override: str, source: Path) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError(f"--set {override!r}: expected key.path=value, e.g. --set search.trials_per_task=8")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {override!r}: {part!r} in {source} is not a mapping")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _expand_env(node: Any, source: Path) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, source) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, source) for v in node]
+    if isinstance(node, str):
+        for var in _ENV_VAR.findall(node):
+            if var not in os.environ:
+                raise SpecError(f"{source}: environment variable ${{{var}}} is not set (export {var}=...)")
+        return _ENV_VAR.sub(lambda m: os.environ[m.group(1)], node)
+    return node

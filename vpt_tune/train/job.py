@@ -1,0 +1,92 @@
+"""One trial's training job, without Ray: backbone + data + prompted model from a flat description."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vpt_tune.cost import Cost, ViTShape, prompted_cost
+from vpt_tune.data.vtab import ImageSplit, load_split, num_classes
+from vpt_tune.models import PromptedViT, create_backbone, normalisation, prompt_counts
+from vpt_tune.train.loop import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one training run needs: backbone, task, sampled prompt/optimiser params, schedule."""
+
+    model: str
+    weights: str  # "demo", "hub", "random" or a local file
+    img_size: int
+    task_dir: str
+    params: dict[str, Any]  # num_prompts, placement, depth, layers, base_lr, weight_decay, prompt_dropout
+    epochs: int
+    batch_size: int
+    warmup_epochs: float = 0.0
+    optimizer: str = "sgd"
+    seed: int = 0
+    train_split: str = "train800"
+    eval_split: str = "val200"
+
+    def counts(self, num_blocks: int) -> list[int]:
+        """Fresh prompts per block for this job's placement."""
+        p = self.params
+        return prompt_counts(p["num_prompts"], p["placement"], num_blocks, p.get("depth"), p.get("layers"))
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            base_lr=float(self.params["base_lr"]),
+            weight_decay=float(self.params.get("weight_decay", 0.0)),
+            warmup_epochs=self.warmup_epochs,
+            optimizer=self.optimizer,
+            seed=self.seed,
+        )
+
+
+def resolve_weights(weights: str) -> str | None:
+    """Map the spec's ``weights`` to what :func:`create_backbone` takes (``demo`` -> cached file)."""
+    if weights == "demo":
+        from vpt_tune.data.assets import ensure_demo_backbone
+
+        return str(ensure_demo_backbone())
+    return None if weights == "hub" else weights
+
+
+def job_cost(job: Job) -> Cost:
+    """Prompt tokens, trainable parameters and GFLOPs of ``job``'s model, without building it."""
+    shape = ViTShape.for_model(job.model, job.img_size)
+    return prompted_cost(shape, job.counts(shape.depth), num_classes(Path(job.task_dir)))
+
+
+def build(job: Job) -> tuple[PromptedViT, ImageSplit, ImageSplit]:
+    """The prompted model and the decoded train/eval splits of ``job``."""
+    torch.manual_seed(job.seed)  # prompt and head initialisation
+    vit = create_backbone(job.model, resolve_weights(job.weights), job.img_size)
+    mean, std = normalisation(vit)
+    task_dir = Path(job.task_dir)
+    classes = num_classes(task_dir)
+    train_split = load_split(task_dir, job.train_split, job.img_size, mean, std, classes)
+    eval_split = load_split(task_dir, job.eval_split, job.img_size, mean, std, classes)
+    counts = job.counts(len(vit.blocks))
+    model = PromptedViT(vit, classes, counts, float(job.params.get("prompt_dropout", 0.0)))
+    return model, train_split, eval_split
+
+
+def run(
+    job: Job,
+    device: torch.device,
+    on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None,
+    shard: tuple[int, int] = (0, 1),
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model,
+) -> tuple[PromptedViT, dict[str, float]]:
+    """Build and train ``job``; ``wrap`` may wrap the model (e.g. DDP). Returns the model and final metrics."""
+    model, train_split, eval_split = build(job)
+    model.to(device)
+    metrics = train(wrap(model), train_split, eval_split, job.train_config(), device, on_epoch, shard)
+    return model, metrics
