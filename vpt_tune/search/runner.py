@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from vpt_tune.data.demo import materialise
 from vpt_tune.models.backbone import BackboneError
 from vpt_tune.search.driver import run_trial, trial_resources
 from vpt_tune.search.pareto import pareto_mask
-from vpt_tune.search.space import define_by_run, make_sampler
+from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri
 from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError
 from vpt_tune.train.job import resolve_weights
@@ -48,13 +47,13 @@ class SearchResult:
     parent_run_id: str
 
 
-def task_dirs(spec: Spec, progress: Callable[[str], None] = print) -> dict[str, Path]:
+def task_dirs(spec: Spec) -> dict[str, Path]:
     """The folder of every task, materialising built-in demo tasks; all missing tasks reported at once."""
     if spec.data.root is None:
         from vpt_tune.data.assets import cache_dir
 
         root = cache_dir() / "datasets" / "demo"
-        progress(f"demo tasks under {root}")
+        print(f"demo tasks under {root}")
         return {task: materialise(task, root) for task in spec.data.tasks}
     root = Path(spec.data.root).expanduser()
     if not root.is_dir():
@@ -102,8 +101,9 @@ def concurrency(spec: Spec) -> int:
 class ProgressPrinter(tune.Callback):
     """Prints one line per finished trial: done/total, the trial's objectives, the front size, ETA."""
 
-    def __init__(self, task: str, total: int, progress: Callable[[str], None]):
-        self.task, self.total, self.progress = task, total, progress
+    def __init__(self, task: str, total: int):
+        # Prints directly: Tune pickles its callbacks with the experiment state, so no function attributes.
+        self.task, self.total = task, total
         self.started = time.monotonic()
         self.finished: list[dict] = []
 
@@ -112,9 +112,10 @@ class ProgressPrinter(tune.Callback):
         done = len(self.finished)
         eta = elapsed / max(1, done) * (self.total - done)
         front = int(pareto_mask(pd.DataFrame(self.finished)).sum()) if self.finished else 0
-        self.progress(
+        print(
             f"[{self.task}] {done}/{self.total} trials | {trial.trial_id}: {outcome} | "
-            f"front: {front} pts | {elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left"
+            f"front: {front} pts | {elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left",
+            flush=True,
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -155,7 +156,6 @@ def run_search(
     name: str | None = None,
     storage: str | None = None,
     mlflow_uri: str | None = None,
-    progress: Callable[[str], None] = print,
 ) -> SearchResult:
     """Run the whole search of ``spec``; return the experiment directory and the trial table."""
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -163,7 +163,7 @@ def run_search(
     if experiment_dir.exists():
         raise SpecError(f"--name: experiment {experiment_dir} exists already; choose another --name")
     check_model(spec)
-    tasks = task_dirs(spec, progress)
+    tasks = task_dirs(spec)
     if spec.backbone.weights == "demo":
         resolve_weights("demo")  # download + convert once, before any trial needs it
     uri = mlflow_uri or spec.tracking.mlflow_uri or default_tracking_uri()
@@ -174,8 +174,8 @@ def run_search(
     parallel = concurrency(spec)
     experiment_dir.mkdir(parents=True)
     (experiment_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(by_alias=True, exclude_none=True)))
-    progress(f"experiment: {experiment_dir}")
-    progress(f"{len(tasks)} task(s) x {spec.search.trials_per_task} trials, {parallel} at a time")
+    print(f"experiment: {experiment_dir}")
+    print(f"{len(tasks)} task(s) x {spec.search.trials_per_task} trials, {parallel} at a time")
 
     parent = tracker.start_run(name, tags={"experiment_dir": str(experiment_dir)})
     tracker.log_params(parent, {
@@ -186,52 +186,74 @@ def run_search(
     journal = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(experiment_dir / "optuna.journal"))
     )
-    tables = []
-    for task, task_dir in tasks.items():
-        task_run = tracker.start_run(task, parent, {"task": task})
-        logger = TrialLogger(tracker, task, task_run)
-        searcher = OptunaSearch(
-            space=define_by_run(spec.space),
-            metric=list(OBJECTIVES),
-            mode=list(OBJECTIVES.values()),
-            sampler=make_sampler(spec.search),
-            study_name=task,
-            storage=journal,
-        )
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                run_trial,
-                spec_json=spec.model_dump_json(by_alias=True),
-                task_dir=str(task_dir),
-                train_storage=str(experiment_dir / "train_runs"),
-            ),
-            trial_resources(),
-        )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher, num_samples=spec.search.trials_per_task, max_concurrent_trials=parallel
-            ),
-            run_config=tune.RunConfig(
-                name=task,
-                storage_path=str(experiment_dir),
-                verbose=0,
-                callbacks=[logger, ProgressPrinter(task, spec.search.trials_per_task, progress)],
-            ),
-        )
-        table = results_table(task, tuner.fit(), logger.run_ids)
-        for row in table.itertuples():
-            if row.mlflow_run_id:
-                tracker.set_tags(row.mlflow_run_id, {"pareto": str(bool(row.pareto)).lower()})
-        tracker.log_fronts(task_run, table, task)
-        tracker.log_fronts(parent, table, task, artifact_path=task)
-        tracker.end_run(task_run)
-        tables.append(table)
-
+    try:
+        tables = [
+            _search_task(spec, task, task_dir, experiment_dir, journal, tracker, parent, parallel)
+            for task, task_dir in tasks.items()
+        ]
+    except BaseException as err:
+        tracker.end_run(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     table = pd.concat(tables, ignore_index=True)
     table.to_parquet(experiment_dir / TABLE_FILE, index=False)
     tracker.end_run(parent)
     return SearchResult(experiment_dir, table, uri, parent)
+
+
+def _search_task(
+    spec: Spec,
+    task: str,
+    task_dir: Path,
+    experiment_dir: Path,
+    journal: optuna.storages.BaseStorage,
+    tracker: Tracker,
+    parent: str,
+    parallel: int,
+) -> pd.DataFrame:
+    """One task's Tune experiment with its own Optuna study; logs its fronts; returns its trial table."""
+    task_run = tracker.start_run(task, parent, {"task": task})
+    logger = TrialLogger(tracker, task, task_run)
+    searcher = OptunaSearch(
+        space=DefineByRun(spec.space),
+        metric=list(OBJECTIVES),
+        mode=list(OBJECTIVES.values()),
+        sampler=make_sampler(spec.search),
+        study_name=task,
+        storage=journal,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            spec_json=spec.model_dump_json(by_alias=True),
+            task_dir=str(task_dir),
+            train_storage=str(experiment_dir / "train_runs"),
+        ),
+        trial_resources(),
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=spec.search.trials_per_task, max_concurrent_trials=parallel
+        ),
+        run_config=tune.RunConfig(
+            name=task,
+            storage_path=str(experiment_dir),
+            verbose=0,
+            callbacks=[logger, ProgressPrinter(task, spec.search.trials_per_task)],
+        ),
+    )
+    try:
+        table = results_table(task, tuner.fit(), logger.run_ids)
+    except BaseException:
+        tracker.end_run(task_run, "FAILED")
+        raise
+    for row in table.itertuples():
+        if row.mlflow_run_id:
+            tracker.set_tags(row.mlflow_run_id, {"pareto": str(bool(row.pareto)).lower()})
+    tracker.log_fronts(task_run, table, task)
+    tracker.log_fronts(parent, table, task, artifact_path=task)
+    tracker.end_run(task_run)
+    return table
 
 
 def load_table(experiment: str | Path) -> pd.DataFrame:

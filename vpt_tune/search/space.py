@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -19,17 +18,21 @@ def _suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
     return trial.suggest_categorical(name, param.choice)
 
 
-def define_by_run(space: Space) -> Callable[[optuna.Trial], dict[str, Any]]:
-    """An Optuna define-by-run function sampling ``space``; it returns the fixed (unsearched) values.
+class DefineByRun:
+    """An Optuna define-by-run function sampling a spec's space; returns the fixed (unsearched) values.
 
     Entries with ``when`` are sampled only if the earlier values match, so e.g. ``depth`` exists
-    only for first_k/last_k placements (a conditional, tree-structured space).
+    only for first_k/last_k placements (a conditional, tree-structured space). A class rather than
+    a closure so Tune can pickle the searcher into its experiment checkpoint.
     """
 
-    def sample(trial: optuna.Trial) -> dict[str, Any]:
+    def __init__(self, space: Space):
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         values: dict[str, Any] = {}
         fixed: dict[str, Any] = {}
-        for name, entry in space:
+        for name, entry in self.space:
             if entry is None:
                 continue
             if not isinstance(entry, Param):
@@ -38,13 +41,16 @@ def define_by_run(space: Space) -> Callable[[optuna.Trial], dict[str, Any]]:
                 values[name] = _suggest(trial, name, entry)
         return fixed
 
-    return sample
-
 
 def make_sampler(search: SearchSpec) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler named in the spec, seeded."""
+    """The Optuna sampler named in the spec, seeded.
+
+    TPE starts modelling after a third of the per-task budget (at least 4, at most Optuna's default
+    10 random trials), so small budgets still get guided trials.
+    """
     if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=search.seed)
+        startup = min(10, max(4, search.trials_per_task // 3))
+        return optuna.samplers.TPESampler(multivariate=True, group=True, n_startup_trials=startup, seed=search.seed)
     if search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=search.seed)
     if search.sampler == "gp":

@@ -21,6 +21,8 @@ from ray import tune
 from vpt_tune.search.pareto import front_figure, front_png
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
+# What a trial run records from each Tune result (Tune adds its own bookkeeping keys, left out).
+TRIAL_METRICS = ("train_loss", "val_acc", "lr", "epoch_seconds", "prompt_tokens", "gflops", "trainable_params")
 
 
 def default_tracking_uri() -> str:
@@ -100,7 +102,9 @@ class TrialLogger(tune.Callback):
         self._run_id(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.tracker.log_metrics(self._run_id(trial), result, step=int(result.get("epoch", 0)))
+        metrics = {k: result[k] for k in TRIAL_METRICS if k in result}
+        metrics["wall_seconds"] = result.get("time_total_s")
+        self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("epoch", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.tracker.set_tags(self._run_id(trial), {"status": "finished"})

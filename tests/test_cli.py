@@ -1,0 +1,87 @@
+"""The command line: help, cost, and user errors (one line, exit code 2, nothing written, no Ray)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import ray
+import yaml
+
+from vpt_tune.search.runner import run_search
+from vpt_tune.spec import SpecError, validate
+
+from test_search import small_spec
+
+
+def vpt_tune(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vpt_tune.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def test_help_lists_commands():
+    out = vpt_tune("--help").stdout
+    for command in ("search", "pareto", "cost"):
+        assert command in out
+    assert "--set" in vpt_tune("search", "--help").stdout
+
+
+def test_cost_prints_paper_gflops():
+    out = vpt_tune("cost", "--model", "vit_base_patch16_224", "--img-size", "224", "--prompts", "50").stdout
+    assert "22.22" in out
+    out = vpt_tune("cost", "--prompts", "10", "--placement", "last_k", "--depth", "3").stdout
+    assert "prompt tokens    2.5" in out
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"space": {"num_prompts": {"int": [8, 1]}}}, "space.num_prompts: low 8 > high 1"),
+        ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
+        ({"search": {"sampler": "cmaes"}}, "unknown sampler 'cmaes'"),
+        ({"backbone": {"model": "vit_nope", "weights": "random"}}, "backbone.model"),
+    ],
+)
+def test_bad_spec_is_one_line_exit_2(tmp_path, edit, message):
+    raw = small_spec(tmp_path)
+    raw.update(edit)
+    spec_file = tmp_path / "bad.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    proc = vpt_tune("search", str(spec_file), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+    debug = vpt_tune("--debug", "search", str(spec_file), cwd=tmp_path)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_malformed_set_and_missing_spec(tmp_path):
+    proc = vpt_tune("search", "demo", "--set", "search.trials_per_task", cwd=tmp_path)
+    assert proc.returncode == 2 and "expected key.path=value" in proc.stderr
+    proc = vpt_tune("search", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "spec file not found" in proc.stderr
+    proc = vpt_tune("pareto", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "no trial table" in proc.stderr
+
+
+def test_preflight_errors_before_ray(tmp_path):
+    """Bad models, weights, depths and tasks are refused before Ray starts or anything is written."""
+    cases = [
+        ({"backbone": {"model": "vit_nope", "weights": "random"}}, "backbone.model"),
+        ({"backbone": {"model": "vit_tiny_patch16_224", "weights": str(tmp_path / "w.pt")}}, "backbone.weights"),
+        ({"data": {"root": str(tmp_path / "nowhere"), "tasks": ["cifar"]}}, "data.root"),
+        ({"data": {"root": str(tmp_path), "tasks": ["cifar", "dtd"]}}, "cifar, dtd"),
+    ]
+    for sections, message in cases:
+        spec = validate(small_spec(tmp_path, **sections))
+        with pytest.raises(SpecError, match=message):
+            run_search(spec, name="never")
+    raw = small_spec(tmp_path)
+    raw["space"]["depth"] = {"int": [1, 24], "when": {"placement": ["last_k"]}}
+    with pytest.raises(SpecError, match="space.depth"):
+        run_search(validate(raw), name="never")
+    assert not ray.is_initialized()  # nothing expensive started
+    assert not (tmp_path / "results").exists()

@@ -1,0 +1,296 @@
+"""VTAB-1k layout loading on generated image folders, and the built-in demo tasks."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vpt_tune.data import demo
+from vpt_tune.data.vtab import DataError, ImageSplit, load_split, num_classes, read_list
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+
+# name, size (w, h), colour, format
+IMAGES = [
+    ("red.png", (10, 7), (255, 0, 0), "PNG"),
+    ("sub/green.jpg", (40, 24), (0, 200, 0), "JPEG"),
+    ("blue.png", (16, 16), (0, 0, 255), "PNG"),
+    ("grey.jpg", (7, 33), (128, 128, 128), "JPEG"),
+    ("teal.png", (32, 32), (0, 128, 128), "PNG"),
+]
+
+
+def _write_task(root: Path) -> Path:
+    """A VTAB-1k task folder with real PNG/JPEG files of different sizes and the four list files."""
+    task = root / "toy"
+    for name, size, colour, fmt in IMAGES:
+        path = task / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, colour).save(path, format=fmt)
+    lines = {
+        "train800": ["images/red.png 0", "images/sub/green.jpg 1", "", "images/blue.png 2"],
+        "val200": ["images/grey.jpg 1", "images/teal.png 0"],
+        "test": ["images/teal.png 3", "images/red.png 0"],
+    }
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, content in lines.items():
+        (task / f"{split}.txt").write_text("\n".join(content) + "\n")
+    return task
+
+
+@pytest.fixture
+def task(tmp_path) -> Path:
+    return _write_task(tmp_path)
+
+
+def _index_split(n: int) -> ImageSplit:
+    """Image i is the constant value i (so a batch tells which examples it holds); mean 0, std 1."""
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).clone()
+    return ImageSplit(images, torch.arange(n), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+
+
+def _ids(images: torch.Tensor) -> list[int]:
+    return (images[:, 0, 0, 0] * 255).round().long().tolist()
+
+
+# ---------------------------------------------------------------- reading the layout
+
+
+def test_read_list(task):
+    entries = read_list(task, "train800")
+    assert entries == [(task / "images/red.png", 0), (task / "images/sub/green.jpg", 1), (task / "images/blue.png", 2)]
+    assert all(path.is_file() for path, _ in read_list(task, "train800val200"))
+
+
+def test_num_classes_counts_train_val_and_test_labels(task):
+    assert num_classes(task) == 4  # label 3 appears only in test.txt
+
+
+def test_load_split_decodes_every_image(task):
+    split = load_split(task, "train800", 12, MEAN, STD, classes=4)
+    assert len(split) == 3
+    assert split.images.shape == (3, 3, 12, 12) and split.images.dtype == torch.uint8
+    assert split.labels.tolist() == [0, 1, 2] and split.labels.dtype == torch.long
+    # each image is resized whole (no crop) to S x S: a constant image stays its colour everywhere
+    for image, (_, _, colour, fmt) in zip(split.images, [IMAGES[0], IMAGES[1], IMAGES[2]]):
+        expected = torch.tensor(colour, dtype=torch.float).view(3, 1, 1).expand(3, 12, 12)
+        tolerance = 0 if fmt == "PNG" else 3  # JPEG is lossy
+        assert (image.float() - expected).abs().max() <= tolerance
+
+
+def test_grayscale_and_rgba_images_become_rgb(tmp_path):
+    task = tmp_path / "modes"
+    (task / "images").mkdir(parents=True)
+    Image.new("L", (9, 9), 77).save(task / "images/g.png")
+    Image.new("RGBA", (9, 9), (10, 20, 30, 128)).save(task / "images/a.png")
+    (task / "test.txt").write_text("images/g.png 0\nimages/a.png 1\n")
+    split = load_split(task, "test", 8, MEAN, STD, classes=2)
+    assert split.images.shape == (2, 3, 8, 8)
+    assert (split.images[0] == 77).all()
+    assert split.images[1, :, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_batches_are_normalised_with_mean_and_std(task):
+    split = load_split(task, "val200", 8, MEAN, STD, classes=4)
+    teal = torch.tensor([0, 128, 128]) / 255.0
+    expected = (teal - torch.tensor(MEAN)) / torch.tensor(STD)
+    images, labels = next(split.batches(batch_size=2))
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 8, 8)
+    assert labels.tolist() == [1, 0]
+    for channel in range(3):
+        assert torch.allclose(images[1, channel], expected[channel].expand(8, 8), atol=1e-6)
+
+
+def test_batches_in_order_without_generator():
+    split = _index_split(10)
+    batches = list(split.batches(4))
+    assert [len(labels) for _, labels in batches] == [4, 4, 2]
+    assert [i for images, _ in batches for i in _ids(images)] == list(range(10))
+    assert torch.cat([labels for _, labels in batches]).tolist() == list(range(10))
+
+
+def test_shuffling_permutes_and_covers_every_example():
+    split = _index_split(50)
+    orders = []
+    for seed in (0, 0, 1):
+        gen = torch.Generator().manual_seed(seed)
+        batches = list(split.batches(8, gen))
+        ids = [i for images, _ in batches for i in _ids(images)]
+        # images and labels stay paired
+        assert ids == torch.cat([labels for _, labels in batches]).tolist()
+        orders.append(ids)
+    assert sorted(orders[0]) == list(range(50))
+    assert orders[0] != list(range(50))
+    assert orders[0] == orders[1]  # same seed, same order
+    assert orders[0] != orders[2]
+
+
+def test_indices_restrict_batches_to_a_shard():
+    split = _index_split(20)
+    shard = torch.arange(1, 20, 3)
+    assert [i for images, _ in split.batches(4, indices=shard) for i in _ids(images)] == shard.tolist()
+    shuffled = [i for images, _ in split.batches(4, torch.Generator().manual_seed(0), shard) for i in _ids(images)]
+    assert sorted(shuffled) == shard.tolist() and shuffled != shard.tolist()
+
+
+# ---------------------------------------------------------------- errors name the file
+
+
+def test_missing_list_file(task):
+    (task / "val200.txt").unlink()
+    with pytest.raises(DataError, match="val200.txt") as err:
+        read_list(task, "val200")
+    assert str(task) in str(err.value)
+
+
+@pytest.mark.parametrize("line", ["images/red.png", "images/red.png x", "images/red.png -1", " 3"])
+def test_malformed_line(task, line):
+    (task / "test.txt").write_text(f"images/teal.png 0\n{line}\n")
+    with pytest.raises(DataError, match=r"test\.txt:2"):
+        read_list(task, "test")
+
+
+def test_missing_image(task):
+    (task / "test.txt").write_text("images/teal.png 0\nimages/nope.png 1\n")
+    with pytest.raises(DataError, match="nope.png"):
+        load_split(task, "test", 8, MEAN, STD, classes=4)
+
+
+@pytest.mark.parametrize("content", [b"this is not a jpeg at all", b"\xff\xd8\xff\xe0" + b"\x00" * 20])
+def test_corrupt_image(task, content):
+    (task / "images" / "bad.jpg").write_bytes(content)
+    (task / "test.txt").write_text("images/teal.png 0\nimages/bad.jpg 1\n")
+    with pytest.raises(DataError, match="bad.jpg"):
+        load_split(task, "test", 8, MEAN, STD, classes=4)
+
+
+def test_truncated_image(task):
+    data = (task / "images" / "sub" / "green.jpg").read_bytes()
+    (task / "images" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (task / "test.txt").write_text("images/cut.jpg 1\n")
+    with pytest.raises(DataError, match="cut.jpg"):
+        load_split(task, "test", 8, MEAN, STD, classes=4)
+
+
+def test_label_out_of_range(task):
+    with pytest.raises(DataError, match=r"test\.txt.*label 3"):
+        load_split(task, "test", 8, MEAN, STD, classes=3)
+
+
+def test_empty_split(task):
+    (task / "val200.txt").write_text("\n   \n")
+    with pytest.raises(DataError, match=r"val200\.txt.*empty"):
+        read_list(task, "val200")
+
+
+# ---------------------------------------------------------------- demo tasks
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> Path:
+    return demo.materialise("digits", tmp_path_factory.mktemp("demo"))
+
+
+def _list(task: Path, split: str) -> list[tuple[str, int]]:
+    return [(str(path.relative_to(task)), label) for path, label in read_list(task, split)]
+
+
+def test_digits_vtab_layout(digits_dir):
+    from sklearn.datasets import load_digits
+
+    total = len(load_digits().target)  # 1,797 images
+    splits = {split: _list(digits_dir, split) for split in ("train800", "val200", "train800val200", "test")}
+    assert [len(splits[s]) for s in ("train800", "val200", "train800val200")] == [800, 200, 1000]
+    assert len(splits["test"]) == total - 1000
+    train, val, trainval, test = (set(p for p, _ in splits[s]) for s in ("train800", "val200", "train800val200", "test"))
+    assert not train & val and train | val == trainval
+    assert not trainval & test
+    assert len(trainval | test) == total
+    assert num_classes(digits_dir) == 10
+    assert {label for _, label in splits["train800"]} == set(range(10))
+
+
+def test_digits_images_are_real_pngs_with_correct_labels(digits_dir):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    flat = digits.images.reshape(len(digits.images), -1)  # values 0..16
+    for rel, label in _list(digits_dir, "val200")[:40]:
+        with Image.open(digits_dir / rel) as img:
+            assert img.format == "PNG" and img.size == (8, 8)
+            pixels = np.asarray(img.convert("L"), dtype=float).reshape(-1)
+        nearest = np.abs(flat - pixels * 16 / 255).sum(axis=1).argmin()
+        assert np.abs(flat[nearest] - pixels * 16 / 255).max() < 0.1  # it is that digit image
+        assert digits.target[nearest] == label
+
+
+def test_digits_load_through_the_vtab_loader(digits_dir):
+    split = load_split(digits_dir, "val200", 16, MEAN, STD, classes=num_classes(digits_dir))
+    assert split.images.shape == (200, 3, 16, 16)
+    assert split.images.float().std() > 10  # real content, not blank
+
+
+def test_materialise_is_idempotent(digits_dir):
+    stamps = {p: p.stat().st_mtime_ns for p in digits_dir.rglob("*")}
+    assert demo.materialise("digits", digits_dir.parent) == digits_dir
+    assert {p: p.stat().st_mtime_ns for p in digits_dir.rglob("*")} == stamps
+    assert [p.name for p in digits_dir.parent.iterdir()] == ["digits"]  # no staging folders left
+
+
+def test_unknown_demo_task(tmp_path):
+    with pytest.raises(DataError, match="'mnist'"):
+        demo.materialise("mnist", tmp_path)
+
+
+def test_fashion_mnist_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "FASHION_MNIST_DIR", tmp_path / "absent")
+    assert "fashion_mnist" not in demo.available_demo_tasks()
+    assert "digits" in demo.available_demo_tasks()
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        demo.materialise("fashion_mnist", tmp_path)
+    assert not (tmp_path / "fashion_mnist").exists()
+
+
+def _idx(path: Path) -> np.ndarray:
+    """Independent IDX reader: magic (2 zero bytes, dtype 0x08, ndim), big-endian sizes, uint8 data."""
+    raw = gzip.decompress(path.read_bytes())
+    assert raw[:3] == b"\x00\x00\x08"
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(shape)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_materialises_the_real_images(tmp_path, monkeypatch):
+    # A 20-image test split keeps this quick; the train/val part is the real 800/200.
+    monkeypatch.setitem(demo.DEMO_TASKS, "fashion_mnist", functools.partial(demo._fashion_mnist, test_size=20))
+    task = demo.materialise("fashion_mnist", tmp_path)
+    source = Path("/usr/share/datasets/fashion-mnist")
+    train_images = _idx(source / "train-images-idx3-ubyte.gz")
+    train_labels = _idx(source / "train-labels-idx1-ubyte.gz")
+    test_images = _idx(source / "t10k-images-idx3-ubyte.gz")
+    test_labels = _idx(source / "t10k-labels-idx1-ubyte.gz")
+    assert train_images.shape == (60000, 28, 28) and test_images.shape == (10000, 28, 28)
+    lists = {split: read_list(task, split) for split in ("train800", "val200", "train800val200", "test")}
+    assert [len(lists[s]) for s in ("train800", "val200", "train800val200", "test")] == [800, 200, 1000, 20]
+    assert lists["train800val200"] == lists["train800"] + lists["val200"]
+    # the official separation is kept: train/val come from the training file, test from t10k, in order
+    for (path, label), image, expected in [
+        (lists["train800"][0], train_images[0], train_labels[0]),
+        (lists["val200"][-1], train_images[999], train_labels[999]),
+        (lists["test"][0], test_images[0], test_labels[0]),
+        (lists["test"][-1], test_images[19], test_labels[19]),
+    ]:
+        with Image.open(path) as img:
+            assert img.format == "PNG"
+            assert np.array_equal(np.asarray(img), image)
+        assert label == expected
+    assert train_labels[0] == 9  # the first Fashion-MNIST training image is an ankle boot
+    assert num_classes(task) == 10

@@ -1,0 +1,137 @@
+"""End-to-end searches on a real local Ray, a real Optuna journal, a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from vpt_tune.cli import main
+from vpt_tune.search.runner import run_search
+from vpt_tune.spec import SpecError, load_spec, validate
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (2 CPUs, as in CI)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def small_spec(tmp_path, **sections) -> dict:
+    """A 2-trial search on the demo digits task with a small random-init ViT."""
+    raw = {
+        "name": "small",
+        "backbone": {"model": "vit_tiny_patch16_224", "weights": "random", "img_size": 32},
+        "data": {"root": None, "tasks": ["digits"]},
+        "space": {
+            "num_prompts": {"int": [1, 8]},
+            "placement": {"choice": ["shallow", "deep", "last_k"]},
+            "depth": {"int": [1, 12], "when": {"placement": ["last_k"]}},
+            "base_lr": {"float": [0.05, 0.5], "log": True},
+        },
+        "train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0},
+        "search": {"sampler": "random", "trials_per_task": 2, "seed": 3},
+        "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
+        "storage": str(tmp_path / "results"),
+    }
+    raw.update(sections)
+    return raw
+
+
+def _runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
+    spec = validate(small_spec(tmp_path))
+    result = run_search(spec, name="exp")
+    table = result.table
+
+    # Both trials finished with the three objectives, and the front is the non-dominated set.
+    assert list(table["status"]) == ["finished", "finished"]
+    assert table[["val_acc", "prompt_tokens", "gflops"]].notna().all().all()
+    assert (table["epoch"] == 2).all()
+    assert table["pareto"].any()
+    configs = [json.loads(c) for c in table["config"]]
+    for config, tokens in zip(configs, table["prompt_tokens"]):
+        assert 1 <= config["num_prompts"] <= 8
+        assert ("depth" in config) == (config["placement"] == "last_k")
+        expected = config["num_prompts"] * (config["depth"] / 12 if config["placement"] == "last_k" else 1)
+        assert tokens == pytest.approx(expected)
+
+    # The Optuna study in the experiment directory saw both trials with the same objective values.
+    study = optuna.load_study(
+        study_name="digits",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(result.experiment_dir / "optuna.journal"))
+        ),
+    )
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.values[0] for t in completed) == sorted(table["val_acc"])
+
+    # MLflow: search run -> task run -> one run per trial, with params, per-epoch metrics and tags.
+    client = MlflowClient(spec.tracking.mlflow_uri)
+    runs = _runs(client, "test")
+    by_id = {r.info.run_id: r for r in runs}
+    parent = by_id[result.parent_run_id]
+    assert parent.info.status == "FINISHED"
+    task_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert [r.data.tags["task"] for r in task_runs] == ["digits"]
+    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == task_runs[0].info.run_id]
+    assert len(trial_runs) == 2
+    for run in trial_runs:
+        row = table[table["trial_id"] == run.data.tags["trial_id"]].iloc[0]
+        assert run.data.tags["pareto"] == str(bool(row["pareto"])).lower()
+        assert run.data.tags["status"] == "finished"
+        assert run.data.params["num_prompts"] == str(json.loads(row["config"])["num_prompts"])
+        assert run.data.metrics["val_acc"] == pytest.approx(row["val_acc"])
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2  # one per epoch
+        assert "pid" not in run.data.metrics  # Tune's bookkeeping stays out
+    task_artifacts = {a.path for a in client.list_artifacts(task_runs[0].info.run_id)}
+    assert {"front_val_acc_vs_prompt_tokens.html", "front_val_acc_vs_gflops.png", "trials.parquet"} <= task_artifacts
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "digits")}
+    assert "digits/front_val_acc_vs_gflops.html" in parent_artifacts
+    local = client.download_artifacts(task_runs[0].info.run_id, "trials.parquet", str(tmp_path))
+    assert len(pd.read_parquet(local)) == 2
+
+    # The CLI reads the experiment back.
+    capsys.readouterr()
+    assert main(["pareto", str(result.experiment_dir), "--all", "--format", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert {r["trial_id"] for r in records} == set(table["trial_id"])
+    for record in records:
+        assert {"task", "trial_id", "config", "metrics", "pareto"} <= set(record)
+        assert {"val_acc", "prompt_tokens", "gflops"} <= set(record["metrics"])
+    assert main(["pareto", str(result.experiment_dir), "--format", "json"]) == 0
+    assert all(r["pareto"] for r in json.loads(capsys.readouterr().out))
+
+    # The same experiment name is refused before anything runs.
+    with pytest.raises(SpecError, match="exists already"):
+        run_search(spec, name="exp")
+
+
+def test_demo_search_on_real_backbone(tmp_path, local_ray):
+    """The built-in demo spec, shortened: the real converted DINOv2 backbone learns the digits."""
+    spec = load_spec(
+        "demo",
+        [
+            "search.trials_per_task=2",
+            "train.epochs=1",
+            "space.placement=last_k",
+            "space.depth=2",
+            "space.base_lr={float: [0.05, 0.1], log: true}",
+            f"storage={tmp_path / 'results'}",
+            f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
+        ],
+    )
+    table = run_search(spec, name="demo").table
+    assert list(table["status"]) == ["finished", "finished"]
+    # A pretrained backbone is far above chance (0.1) after one epoch; a random one is not.
+    assert table["val_acc"].max() > 0.5
