@@ -74,7 +74,7 @@ def _pareto(args: argparse.Namespace) -> None:
 
 def _cost(args: argparse.Namespace) -> None:
     from vpt_tune.cost import ViTShape, prompted_cost
-    from vpt_tune.models.prompts import prompt_counts
+    from vpt_tune.models.placement import prompt_counts
 
     shape = ViTShape.for_model(args.model, args.img_size)
     try:

@@ -14,7 +14,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vpt_tune.models.prompts import tokens_per_block
+from vpt_tune.models.placement import tokens_per_block
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from vpt_tune.models.prompts import PLACEMENTS
+from vpt_tune.models.placement import PLACEMENTS
 
 OBJECTIVES = {"val_acc": "max", "prompt_tokens": "min", "gflops": "min"}
 SAMPLERS = ("tpe", "nsga2", "gp", "random")

@@ -11,7 +11,9 @@ import torch
 
 from vpt_tune.cost import Cost, ViTShape, prompted_cost
 from vpt_tune.data.vtab import ImageSplit, load_split, num_classes
-from vpt_tune.models import PromptedViT, create_backbone, normalisation, prompt_counts
+from vpt_tune.models.backbone import create_backbone, normalisation
+from vpt_tune.models.placement import prompt_counts
+from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.train.loop import TrainConfig, train
 
 

@@ -1,0 +1,316 @@
+"""The search spec (YAML -> validated objects, errors naming the key) and its Optuna search space."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import optuna
+import pytest
+import yaml
+
+from vpt_tune.search.space import DefineByRun, make_sampler
+from vpt_tune.spec import OBJECTIVES, Param, SearchSpec, SpecError, load_spec, validate
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+BASE = {"name": "t", "space": {"num_prompts": {"int": [1, 8]}}}
+
+
+def _with(**sections) -> dict:
+    raw = copy.deepcopy(BASE)
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def _error(raw: dict) -> str:
+    with pytest.raises(SpecError) as err:
+        validate(raw, "my.yaml")
+    message = str(err.value)
+    assert message.startswith("my.yaml:")  # names the file
+    return message
+
+
+def _write(tmp_path, raw, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw) if not isinstance(raw, str) else raw)
+    return path
+
+
+# ---------------------------------------------------------------- valid specs
+
+
+def test_builtin_demo_spec_validates():
+    spec = load_spec("demo")
+    assert spec.name == "demo"
+    assert sorted(spec.objectives) == sorted(OBJECTIVES)
+    assert spec.space.searched()  # something is searched
+    assert isinstance(spec.space.depth, Param) and spec.space.depth.when == {"placement": ["last_k"]}
+    assert load_spec("demo.yaml") == spec
+
+
+def test_minimal_spec_gets_defaults():
+    spec = validate(copy.deepcopy(BASE))
+    assert list(spec.space.searched()) == ["num_prompts"]
+    assert spec.space.placement == "deep"
+    assert spec.search.sampler in ("tpe", "nsga2", "gp", "random")
+
+
+def test_spec_file_with_set_overrides(tmp_path):
+    path = _write(tmp_path, BASE)
+    spec = load_spec(path, [
+        "search.trials_per_task=8",
+        "train.warmup_epochs=0.5",
+        "space.placement={choice: [deep, last_k]}",
+        "space.depth=3",
+        "data.tasks=[a, b]",
+    ])
+    assert spec.search.trials_per_task == 8 and isinstance(spec.search.trials_per_task, int)
+    assert spec.train.warmup_epochs == 0.5
+    assert isinstance(spec.space.placement, Param) and spec.space.placement.choice == ["deep", "last_k"]
+    assert spec.space.depth == 3
+    assert spec.data.tasks == ["a", "b"]
+    assert spec.space.num_prompts.int_range == (1, 8)  # untouched siblings survive
+    # the file itself is not modified
+    assert yaml.safe_load(path.read_text()) == BASE
+
+
+def test_env_vars_expand(tmp_path, monkeypatch):
+    monkeypatch.setenv("VPT_TEST_ROOT", "/data/vtab")
+    monkeypatch.setenv("VPT_TEST_NAME", "run7")
+    path = _write(tmp_path, _with(name="x-${VPT_TEST_NAME}", data={"root": "${VPT_TEST_ROOT}/1k"}))
+    spec = load_spec(path, ["storage=${VPT_TEST_ROOT}/out"])
+    assert spec.data.root == "/data/vtab/1k"
+    assert spec.name == "x-run7"
+    assert spec.storage == "/data/vtab/out"
+
+
+# ---------------------------------------------------------------- errors name the key path
+
+
+def test_unknown_top_level_key():
+    assert re.search(r"^\s*bogus: .*Extra inputs", _error(_with(bogus=1)), re.M)
+
+
+def test_unknown_nested_keys():
+    assert "train.epochz" in _error(_with(train={"epochz": 3}))
+    message = _error(_with(space={"num_prompts": {"int": [1, 8], "lgo": True}}))
+    assert "space.num_prompts.lgo" in message
+
+
+@pytest.mark.parametrize(
+    "section, key_path",
+    [
+        ({"train": {"epochs": "ten"}}, "train.epochs"),
+        ({"space": {"num_prompts": "many"}}, "space.num_prompts"),
+        ({"search": {"trials_per_task": 0}}, "search.trials_per_task"),
+        ({"backbone": {"img_size": [224]}}, "backbone.img_size"),
+    ],
+)
+def test_wrong_type(section, key_path):
+    assert key_path in _error(_with(**section))
+
+
+def test_every_entry_fixed_is_an_empty_space():
+    message = _error(_with(space={"num_prompts": 8, "placement": "deep", "base_lr": 1.0}))
+    assert "space" in message and "empty" in message
+
+
+def test_low_above_high():
+    message = _error(_with(space={"base_lr": {"float": [2.0, 1.0]}}))
+    assert "space.base_lr" in message and "2.0" in message
+
+
+@pytest.mark.parametrize("low", [0.0, -1.0])
+def test_log_range_needs_positive_low(low):
+    message = _error(_with(space={"base_lr": {"float": [low, 1.0], "log": True}}))
+    assert "space.base_lr" in message and "log" in message
+
+
+def test_param_needs_exactly_one_kind():
+    assert "space.num_prompts" in _error(_with(space={"num_prompts": {"int": [1, 2], "choice": [1]}}))
+    assert "space.num_prompts" in _error(_with(space={"num_prompts": {"log": True}}))
+
+
+def test_unknown_sampler():
+    message = _error(_with(search={"sampler": "cmaes"}))
+    assert re.search(r"search\b.*sampler", message) and "cmaes" in message
+    for name in ("tpe", "nsga2", "gp", "random"):
+        assert name in message  # the fix: the valid names
+
+
+@pytest.mark.parametrize("placement", ["diagonal", {"choice": ["deep", "diagonal"]}])
+def test_unknown_placement(placement):
+    message = _error(_with(space={"num_prompts": {"int": [1, 8]}, "placement": placement}))
+    assert re.search(r"space\b.*placement", message) and "diagonal" in message
+
+
+@pytest.mark.parametrize("ref", ["placement", "nonexistent"])
+def test_when_must_refer_to_an_earlier_param(ref):
+    space = {
+        "num_prompts": {"int": [1, 8], "when": {ref: ["deep"]}},
+        "placement": {"choice": ["deep", "shallow"]},
+    }
+    message = _error(_with(space=space))
+    assert "num_prompts.when" in message and ref in message
+
+
+@pytest.mark.parametrize("placement", ["first_k", "last_k", {"choice": ["deep", "first_k"]}])
+def test_first_k_last_k_need_depth(placement):
+    message = _error(_with(space={"num_prompts": {"int": [1, 8]}, "placement": placement}))
+    assert "depth" in message and "placement" in message
+
+
+def test_layers_placement_needs_layers():
+    message = _error(_with(space={"num_prompts": {"int": [1, 8]}, "placement": "layers"}))
+    assert "layers" in message
+
+
+def test_objectives_must_be_the_supported_ones():
+    assert "objectives" in _error(_with(objectives=["val_acc", "latency"]))
+
+
+@pytest.mark.parametrize("override", ["foo", "=3", "train..epochs=3", ".x=1"])
+def test_malformed_set_override(tmp_path, override):
+    path = _write(tmp_path, BASE)
+    with pytest.raises(SpecError, match=re.escape(f"--set {override!r}")):
+        load_spec(path, [override])
+
+
+def test_set_override_into_a_non_mapping(tmp_path):
+    path = _write(tmp_path, BASE)
+    with pytest.raises(SpecError, match="'name'"):
+        load_spec(path, ["name.x=1"])
+
+
+def test_set_override_of_an_unknown_key_is_rejected(tmp_path):
+    with pytest.raises(SpecError, match="train.epochz"):
+        load_spec(_write(tmp_path, BASE), ["train.epochz=3"])
+
+
+def test_unset_env_var_names_file_variable_and_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("VPT_TEST_UNSET_VAR", raising=False)
+    path = _write(tmp_path, _with(data={"root": "${VPT_TEST_UNSET_VAR}/vtab"}))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert str(path) in message and "VPT_TEST_UNSET_VAR" in message
+    assert "data.root" in message  # the key holding the reference (SpecError: "names the file, the key")
+
+
+def test_invalid_yaml(tmp_path):
+    path = _write(tmp_path, "name: t\nspace: {num_prompts: [1, 2\n")
+    with pytest.raises(SpecError, match=re.escape(str(path)) + ".*not valid YAML"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("content", ["- a\n- b\n", "just a string\n", ""])
+def test_non_mapping_yaml(tmp_path, content):
+    path = _write(tmp_path, content)
+    with pytest.raises(SpecError, match=re.escape(str(path)) + ".*mapping"):
+        load_spec(path)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(SpecError, match=re.escape(str(path)) + ".*not found"):
+        load_spec(path)
+
+
+# ---------------------------------------------------------------- the Optuna search space
+
+
+SPACE = {
+    "num_prompts": {"int": [1, 200], "log": True},
+    "placement": {"choice": ["shallow", "deep", "first_k", "last_k"]},
+    "depth": {"int": [1, 12], "when": {"placement": ["first_k", "last_k"]}},
+    "base_lr": {"float": [0.05, 50], "log": True},
+    "weight_decay": {"choice": [0.0, 0.0001, 0.001, 0.01]},
+    "prompt_dropout": {"float": [0.0, 0.5], "step": 0.1},
+}
+
+
+def _ask_many(space: dict, n: int = 200, seed: int = 0):
+    spec = validate(_with(space=space))
+    sample = DefineByRun(spec.space)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=seed))
+    results = []
+    for _ in range(n):
+        trial = study.ask()
+        fixed = sample(trial)
+        results.append((trial, fixed))
+    return results
+
+
+def test_depth_is_sampled_only_for_first_k_and_last_k():
+    results = _ask_many(SPACE)
+    placements = [trial.params["placement"] for trial, _ in results]
+    assert set(placements) == {"shallow", "deep", "first_k", "last_k"}
+    for trial, _ in results:
+        assert ("depth" in trial.params) == (trial.params["placement"] in ("first_k", "last_k"))
+        if "depth" in trial.params:
+            assert 1 <= trial.params["depth"] <= 12
+
+
+def test_ranges_steps_and_fixed_values():
+    space = {**SPACE, "weight_decay": 0.001}
+    results = _ask_many(space)
+    for trial, fixed in results:
+        assert fixed == {"weight_decay": 0.001}
+        assert "weight_decay" not in trial.params
+        p = trial.params
+        assert 1 <= p["num_prompts"] <= 200 and isinstance(p["num_prompts"], int)
+        assert 0.05 <= p["base_lr"] <= 50
+        assert 0.0 <= p["prompt_dropout"] <= 0.5
+        assert math.isclose(p["prompt_dropout"] * 10, round(p["prompt_dropout"] * 10), abs_tol=1e-9)
+    assert len({trial.params["prompt_dropout"] for trial, _ in results}) == 6  # 0.0, 0.1, ..., 0.5
+
+
+def test_log_scale_is_log_uniform():
+    results = _ask_many(SPACE, n=300)
+    lrs = [trial.params["base_lr"] for trial, _ in results]
+    # log-uniform on [0.05, 50]: half the mass below the geometric mean sqrt(0.05*50) ≈ 1.58
+    # (a linear-uniform sampler would put ~3 % there)
+    below = sum(lr < math.sqrt(0.05 * 50) for lr in lrs) / len(lrs)
+    assert 0.38 < below < 0.62
+    assert results[0][0].distributions["base_lr"].log
+    assert not results[0][0].distributions["prompt_dropout"].log
+
+
+def test_fixed_placement_last_k_samples_depth():
+    space = {"num_prompts": {"int": [1, 8]}, "placement": "last_k",
+             "depth": {"int": [1, 4], "when": {"placement": ["last_k"]}}}
+    spec_space = validate(_with(space=space)).space
+    unsearched = {name: value for name, value in spec_space if value is not None and not isinstance(value, Param)}
+    assert unsearched["placement"] == "last_k" and "base_lr" in unsearched  # defaults are fixed values too
+    for trial, fixed in _ask_many(space, n=20):
+        # every unsearched entry comes back with its value, none is suggested
+        assert fixed == unsearched
+        assert set(trial.params) == {"num_prompts", "depth"}
+        assert 1 <= trial.params["depth"] <= 4
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("tpe", optuna.samplers.TPESampler),
+        ("nsga2", optuna.samplers.NSGAIISampler),
+        ("gp", optuna.samplers.GPSampler),
+        ("random", optuna.samplers.RandomSampler),
+    ],
+)
+def test_make_sampler(name, cls):
+    assert type(make_sampler(SearchSpec(sampler=name, seed=3))) is cls
+    # seeded: two studies with the same seed propose the same first configs
+    firsts = []
+    for _ in range(2):
+        study = optuna.create_study(directions=["maximize", "minimize"],
+                                    sampler=make_sampler(SearchSpec(sampler=name, seed=3)))
+        firsts.append([study.ask().suggest_float("x", 0.0, 1.0) for _ in range(3)])
+    assert firsts[0] == firsts[1]
