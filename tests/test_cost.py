@@ -7,7 +7,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vpt_tune.cost import ViTShape, prompted_cost
-from vpt_tune.models import PromptedViT, create_backbone, prompt_counts, tokens_per_block
+from vpt_tune.models.backbone import create_backbone
+from vpt_tune.models.placement import prompt_counts, tokens_per_block
+from vpt_tune.models.prompted_vit import PromptedViT
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ import pytest
 import timm
 import torch
 
-from vpt_tune.models import BackboneError, PromptedViT, create_backbone, prompt_counts, tokens_per_block
+from vpt_tune.models.backbone import BackboneError, create_backbone
+from vpt_tune.models.placement import prompt_counts, tokens_per_block
+from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.models.prompts import uniform_init_bound
 
 L = 4  # blocks of the small ViT

@@ -56,9 +56,9 @@ def front_png(table: pd.DataFrame, cost: str, title: str, path: Path) -> None:
 
     front2d = pareto_mask(table, {"val_acc": "max", cost: "min"})
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.scatter(table[cost][~front2d], table["val_acc"][~front2d], alpha=0.3, label="dominated")
+    ax.scatter(table[cost][~front2d], table["val_acc"][~front2d], color="grey", alpha=0.4, label="dominated")
     front = table[front2d].sort_values(cost)
-    ax.step(front[cost], front["val_acc"], where="post", marker="o", label="Pareto front")
+    ax.step(front[cost], front["val_acc"], where="post", marker="o", color="tab:red", label="Pareto front")
     ax.set(xlabel=cost, ylabel="val_acc", title=title)
     ax.legend()
     fig.tight_layout()

@@ -12,6 +12,7 @@ Layout of an experiment directory ``<storage>/<name>/``::
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri
 from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError
 from vpt_tune.train.job import resolve_weights
 
-METRIC_COLUMNS = ("val_acc", "prompt_tokens", "gflops", "trainable_params", "train_loss", "epoch")
+METRIC_COLUMNS = ("val_acc", "prompt_tokens", "gflops", "trainable_params", "train_loss", "epoch", "train_seconds")
 TABLE_FILE = "trials.parquet"
 
 
@@ -142,6 +143,7 @@ def results_table(task: str, grid: tune.ResultGrid, run_ids: dict[str, str]) -> 
             "error": str(result.error).strip().splitlines()[-1][:500] if result.error else "",
             "config": json.dumps(config, sort_keys=True),
             **{k: metrics.get(k) for k in METRIC_COLUMNS},
+            "wall_seconds": metrics.get("time_total_s"),  # trial start to its last report
             "mlflow_run_id": run_ids.get(trial_id, ""),
         })
     table = pd.DataFrame(rows)
@@ -169,6 +171,7 @@ def run_search(
     uri = mlflow_uri or spec.tracking.mlflow_uri or default_tracking_uri()
     tracker = Tracker(uri, spec.tracking.experiment)
 
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console tables off: we print progress
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     parallel = concurrency(spec)

@@ -38,9 +38,11 @@ def train_worker(config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report({**metrics, **constant_metrics, "epoch": epoch + 1}, checkpoint=checkpoint)
 
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {"train_seconds": 0.0}
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        last["train_seconds"] += metrics["epoch_seconds"]  # training + evaluation time, no overheads
+        metrics = {**metrics, "train_seconds": last["train_seconds"]}
         last.update(epoch=epoch, metrics=metrics)
         if epoch + 1 < job.epochs:
             report(epoch, metrics)
