@@ -296,6 +296,7 @@ def test_fixed_placement_last_k_samples_depth():
         assert 1 <= trial.params["depth"] <= 4
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 @pytest.mark.parametrize(
     "name, cls",
     [

@@ -21,10 +21,11 @@ EPILOG = """examples:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from vpt_tune.search.runner import run_search
     from vpt_tune.spec import load_spec
 
-    spec = load_spec(args.spec, args.set or [])
+    spec = load_spec(args.spec, args.set or [])  # before the heavy imports: spec errors come at once
+    from vpt_tune.search.runner import run_search
+
     started = time.monotonic()
     result = run_search(spec, name=args.name, storage=args.storage, mlflow_uri=args.mlflow_uri)
     table = result.table
