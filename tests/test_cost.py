@@ -32,7 +32,7 @@ def test_paper_gflops_vit_b16(vit_b16, prompts, gflops):
 def test_vit_b16_shape(vit_b16):
     assert (vit_b16.depth, vit_b16.embed_dim, vit_b16.mlp_hidden) == (12, 768, 3072)
     assert (vit_b16.num_patches, vit_b16.num_prefix_tokens, vit_b16.in_chans) == (196, 1, 3)
-    assert vit_b16.in_chans * vit_b16.patch_size == 3 * 16 * 16  # weights per patch-embedding output
+    assert vit_b16.in_chans * vit_b16.patch_area == 3 * 16 * 16  # weights per patch-embedding output
 
 
 def test_vit_shape_of_reads_the_model(make_vit):
@@ -44,7 +44,7 @@ def test_vit_shape_of_reads_the_model(make_vit):
     assert shape.num_patches == (48 // 8) ** 2
     assert shape.num_prefix_tokens == 1
     assert shape.in_chans == 3
-    assert shape.in_chans * shape.patch_size == vit.patch_embed.proj.weight[0].numel()  # C·p²
+    assert shape.in_chans * shape.patch_area == vit.patch_embed.proj.weight[0].numel()  # C·p²
     reg = make_vit(model="vit_small_patch14_reg4_dinov2", depth=2, embed_dim=48, num_heads=3,
                    patch_size=14, img_size=28)
     assert ViTShape.of(reg).num_prefix_tokens == 5  # class + 4 registers

@@ -208,7 +208,8 @@ def test_digits_vtab_layout(digits_dir):
     splits = {split: _list(digits_dir, split) for split in ("train800", "val200", "train800val200", "test")}
     assert [len(splits[s]) for s in ("train800", "val200", "train800val200")] == [800, 200, 1000]
     assert len(splits["test"]) == total - 1000
-    train, val, trainval, test = (set(p for p, _ in splits[s]) for s in ("train800", "val200", "train800val200", "test"))
+    train, val, trainval, test = (
+        {p for p, _ in splits[s]} for s in ("train800", "val200", "train800val200", "test"))
     assert not train & val and train | val == trainval
     assert not trainval & test
     assert len(trainval | test) == total

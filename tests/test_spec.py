@@ -220,6 +220,10 @@ def test_missing_file(tmp_path):
     path = tmp_path / "nope.yaml"
     with pytest.raises(SpecError, match=re.escape(str(path)) + ".*not found"):
         load_spec(path)
+    # A built-in name only stands in for a bare name or search_spaces/<name>, never for a typo'd path.
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "demo.yaml")
+    assert load_spec("search_spaces/demo.yaml").name == "demo"
 
 
 # ---------------------------------------------------------------- the Optuna search space

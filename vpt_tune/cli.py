@@ -9,7 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
-from vpt_tune.spec import SpecError
+from vpt_tune.errors import UserError
 
 EPILOG = """examples:
   vpt-tune search                                   # the built-in demo search (CPU, offline, minutes)
@@ -68,7 +68,7 @@ def _pareto(args: argparse.Namespace) -> None:
         print(table.to_csv(index=False), end="")
     else:
         if not args.output:
-            raise SpecError("--format parquet needs --output FILE.parquet")
+            raise UserError("--format parquet needs --output FILE.parquet")
         table.to_parquet(args.output, index=False)
         print(f"wrote {len(table)} rows to {args.output}")
 
@@ -81,7 +81,7 @@ def _cost(args: argparse.Namespace) -> None:
     try:
         counts = prompt_counts(args.prompts, args.placement, shape.depth, args.depth, args.layers)
     except ValueError as err:
-        raise SpecError(f"--placement {args.placement}: {err}") from None
+        raise UserError(f"--placement {args.placement}: {err}") from None
     cost = prompted_cost(shape, counts, args.num_classes)
     print(f"model            {args.model} @ {args.img_size}px ({shape.depth} blocks, width {shape.embed_dim})")
     print(f"prompts/block    {counts}")
@@ -141,13 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - user-facing errors become one line, exit code 2
-        from vpt_tune.data.assets import AssetError
-        from vpt_tune.data.vtab import DataError
-        from vpt_tune.models.backbone import BackboneError
-
-        if args.debug or not isinstance(err, (SpecError, DataError, BackboneError, AssetError)):
+        if args.debug or not isinstance(err, UserError):
             traceback.print_exc()
-        if not isinstance(err, (SpecError, DataError, BackboneError, AssetError)):
+        if not isinstance(err, UserError):
             return 1
         print(f"vpt-tune: error: {err}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ class ViTShape:
     depth: int
     embed_dim: int
     mlp_hidden: int
-    patch_size: int
+    patch_area: int  # pixels per patch (p²)
     in_chans: int
     num_patches: int
     num_prefix_tokens: int
@@ -37,7 +37,7 @@ class ViTShape:
             depth=len(vit.blocks),
             embed_dim=vit.embed_dim,
             mlp_hidden=vit.blocks[0].mlp.fc1.out_features,
-            patch_size=patch[0] * patch[1],
+            patch_area=patch[0] * patch[1],
             in_chans=vit.patch_embed.proj.in_channels,
             num_patches=vit.patch_embed.num_patches,
             num_prefix_tokens=vit.num_prefix_tokens,
@@ -76,7 +76,7 @@ def prompted_cost(shape: ViTShape, counts: Sequence[int], num_classes: int = 0) 
         raise ValueError(f"need one prompt count per block ({shape.depth}), got {len(counts)}")
     present = tokens_per_block(counts)
     base = shape.num_prefix_tokens + shape.num_patches
-    macs = shape.num_patches * shape.embed_dim * shape.in_chans * shape.patch_size
+    macs = shape.num_patches * shape.embed_dim * shape.in_chans * shape.patch_area
     macs += sum(block_macs(base + p, shape) for p in present)
     macs += shape.embed_dim * num_classes
     head_params = (shape.embed_dim + 1) * num_classes

