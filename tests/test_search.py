@@ -98,6 +98,7 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
     assert {"front_val_acc_vs_prompt_tokens.html", "front_val_acc_vs_gflops.png", "trials.parquet"} <= task_artifacts
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "digits")}
     assert "digits/front_val_acc_vs_gflops.html" in parent_artifacts
+    assert task_runs[0].info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())  # beside mlflow.db
     local = client.download_artifacts(task_runs[0].info.run_id, "trials.parquet", str(tmp_path))
     assert len(pd.read_parquet(local)) == 2
 

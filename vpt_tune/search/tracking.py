@@ -32,6 +32,14 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go in ``mlruns/`` beside the database file (MLflow's default is the
+    current directory, which scatters them); servers choose their own (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
 class Tracker:
     """Creates and fills the MLflow runs of one search."""
 
@@ -39,7 +47,10 @@ class Tracker:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found:
+            self.experiment_id = found.experiment_id
+        else:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location(uri))
 
     def start_run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
         """Create a run (nested under ``parent``) and return its id."""
