@@ -10,8 +10,10 @@ import ray
 import yaml
 
 from vpt_tune.search.runner import run_search
+from vpt_tune.data.vtab import DataError
 from vpt_tune.spec import SpecError, validate
 
+from test_data import _write_task
 from test_search import small_spec
 
 
@@ -79,6 +81,11 @@ def test_preflight_errors_before_ray(tmp_path):
         spec = validate(small_spec(tmp_path, **sections))
         with pytest.raises(SpecError, match=message):
             run_search(spec, name="never")
+    data_root = tmp_path / "vtab"
+    task = _write_task(data_root)
+    (task / "images" / "blue.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(DataError, match="blue.png: unreadable or corrupt image"):
+        run_search(validate(small_spec(tmp_path, data={"root": str(data_root), "tasks": ["toy"]})), name="never")
     raw = small_spec(tmp_path)
     raw["space"]["depth"] = {"int": [1, 24], "when": {"placement": ["last_k"]}}
     with pytest.raises(SpecError, match="space.depth"):

@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vpt_tune.data.cache import cache_dir
 from vpt_tune.errors import UserError
 
 TIMM_MODEL = "vit_small_patch14_dinov2"
@@ -62,12 +63,6 @@ _BLOCK_SPEC = {
 
 class AssetError(UserError, RuntimeError):
     """A demo asset could not be fetched, converted or verified; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """Directory for demo assets: ``$VPT_TUNE_CACHE`` if set, else ``~/.cache/vpt-tune``."""
-    env = os.environ.get("VPT_TUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vpt-tune"
 
 
 def demo_backbone_path(cache_dir: Path | None = None) -> Path:

@@ -3,7 +3,8 @@
 ``<root>/<task>/{train800,val200,train800val200,test}.txt``; image paths are relative to the task
 folder. Images are resized straight to the model size (no crop, no augmentation) and normalised
 with the backbone's mean and std. Since there is no augmentation, a split is decoded once into a
-uint8 tensor and batches are normalised on the fly.
+uint8 tensor (cached on disk across trials, see :mod:`vpt_tune.data.cache`) and batches are
+normalised on the fly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vpt_tune.data.cache import decoded_key, load_decoded, save_decoded
 from vpt_tune.errors import UserError
 
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -85,18 +87,31 @@ class ImageSplit:
             yield images, self.labels[idx]
 
 
-def load_split(
-    task_dir: Path, split: str, img_size: int, mean: Sequence[float], std: Sequence[float], classes: int
-) -> ImageSplit:
-    """Decode every image of ``split`` of the task at ``task_dir``; labels must be < ``classes``."""
+def decode_split(task_dir: Path, split: str, img_size: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded uint8 images (N, 3, S, S) and labels (N,) of ``split``; labels must be < ``classes``.
+
+    Every image is checked (exists, decodes, label in range); the result is cached on disk.
+    """
     entries = read_list(task_dir, split)
     for path, label in entries:
         if label >= classes:
             raise DataError(f"{task_dir / split}.txt: label {label} of {path.name} is out of range [0, {classes})")
-    images = np.stack([decode_image(path, img_size) for path, _ in entries])
+    key = decoded_key(entries, img_size)
+    images = load_decoded(key)
+    if images is None:
+        images = np.stack([decode_image(path, img_size) for path, _ in entries])
+        save_decoded(key, images)
+    return images, np.array([label for _, label in entries], dtype=np.int64)
+
+
+def load_split(
+    task_dir: Path, split: str, img_size: int, mean: Sequence[float], std: Sequence[float], classes: int
+) -> ImageSplit:
+    """The decoded ``split`` of the task at ``task_dir``, normalised with ``mean``/``std`` per batch."""
+    images, labels = decode_split(task_dir, split, img_size, classes)
     return ImageSplit(
         images=torch.from_numpy(images),
-        labels=torch.tensor([label for _, label in entries], dtype=torch.long),
+        labels=torch.from_numpy(labels),
         mean=torch.tensor(mean).view(1, 3, 1, 1),
         std=torch.tensor(std).view(1, 3, 1, 1),
     )

@@ -25,7 +25,9 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from vpt_tune.cost import ViTShape
+from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
+from vpt_tune.data.vtab import decode_split, num_classes
 from vpt_tune.models.backbone import BackboneError
 from vpt_tune.search.driver import run_trial, trial_resources
 from vpt_tune.search.pareto import pareto_mask
@@ -51,8 +53,6 @@ class SearchResult:
 def task_dirs(spec: Spec) -> dict[str, Path]:
     """The folder of every task, materialising built-in demo tasks; all missing tasks reported at once."""
     if spec.data.root is None:
-        from vpt_tune.data.assets import cache_dir
-
         root = cache_dir() / "datasets" / "demo"
         print(f"demo tasks under {root}")
         return {task: materialise(task, root) for task in spec.data.tasks}
@@ -63,6 +63,20 @@ def task_dirs(spec: Spec) -> dict[str, Path]:
     if missing:
         raise SpecError(f"data.tasks: no folder for {', '.join(missing)} under {root}")
     return {task: root / task for task in spec.data.tasks}
+
+
+def check_data(spec: Spec, tasks: dict[str, Path], splits: tuple[str, ...] = ("train800", "val200")) -> None:
+    """Read every list file and decode every image the trials will use, before Ray starts.
+
+    Bad data (missing or corrupt image, label out of range, empty split) fails here with the file
+    named; the decoded splits land in the node's cache, so trials on this node skip decoding.
+    """
+    for task, task_dir in tasks.items():
+        classes = num_classes(task_dir)
+        for split in splits:
+            started = time.monotonic()
+            images, _ = decode_split(task_dir, split, spec.backbone.img_size, classes)
+            print(f"{task}/{split}: {len(images)} images ready ({time.monotonic() - started:.1f} s)")
 
 
 def check_model(spec: Spec) -> None:
@@ -166,6 +180,7 @@ def run_search(
         raise SpecError(f"--name: experiment {experiment_dir} exists already; choose another --name")
     check_model(spec)
     tasks = task_dirs(spec)
+    check_data(spec, tasks)
     if spec.backbone.weights == "demo":
         resolve_weights("demo")  # download + convert once, before any trial needs it
     uri = mlflow_uri or spec.tracking.mlflow_uri or default_tracking_uri()
