@@ -16,6 +16,7 @@ EPILOG = """examples:
   vpt-tune search search_spaces/demo.yaml --set search.trials_per_task=16
   vpt-tune pareto vpt_results/demo-20261123-101500 --format json
   vpt-tune cost --model vit_base_patch16_224 --img-size 224 --prompts 50 --placement deep
+  vpt-tune cost --prompts 10 --kv-prompts 5        # E²VPT, ViT-B/16: 18.51 GFLOPs
   mlflow ui --backend-store-uri sqlite:///mlflow.db  # browse runs, fronts and tables
 """
 
@@ -79,13 +80,17 @@ def _cost(args: argparse.Namespace) -> None:
 
     shape = ViTShape.for_model(args.model, args.img_size)
     try:
-        counts = prompt_counts(args.prompts, args.placement, shape.depth, args.depth, args.layers)
+        counts = args.counts or prompt_counts(args.prompts, args.placement, shape.depth, args.depth, args.layers)
     except ValueError as err:
         raise UserError(f"--placement {args.placement}: {err}") from None
-    cost = prompted_cost(shape, counts, args.num_classes)
+    try:
+        cost = prompted_cost(shape, counts, args.num_classes, [args.kv_prompts] * shape.depth, not args.kv_separate)
+    except ValueError as err:  # a --counts of the wrong length, or a negative count
+        raise UserError(f"{err} (--counts / --kv-prompts)") from None
     print(f"model            {args.model} @ {args.img_size}px ({shape.depth} blocks, width {shape.embed_dim})")
     print(f"prompts/block    {counts}")
     print(f"prompt tokens    {cost.prompt_tokens:g} (mean over blocks)")
+    print(f"KV tokens        {cost.kv_tokens:g} (mean over blocks; E²VPT key/value prompts, not in the sequence)")
     print(f"trainable params {cost.trainable_params:,} (prompts + {args.num_classes}-class head)")
     print(f"GFLOPs           {cost.gflops:.2f} per image (multiply-adds)")
 
@@ -123,10 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     cost = sub.add_parser("cost", help="prompt tokens, trainable parameters and GFLOPs of a configuration")
     cost.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
     cost.add_argument("--img-size", type=int, default=224)
-    cost.add_argument("--prompts", type=int, default=0, help="prompts per prompted block")
+    visual = cost.add_mutually_exclusive_group()
+    visual.add_argument("--prompts", type=int, default=0, help="prompts per prompted block")
+    visual.add_argument("--counts", type=int, nargs="+", metavar="T",
+                        help="fresh prompts of every block, one number per block (instead of --prompts/--placement)")
     cost.add_argument("--placement", default="deep", help="shallow | deep | first_k | last_k | layers")
     cost.add_argument("--depth", type=int, help="k for first_k / last_k")
     cost.add_argument("--layers", type=int, nargs="+", help="block indices for placement 'layers'")
+    cost.add_argument("--kv-prompts", type=int, default=0, metavar="T_KV",
+                      help="E²VPT key/value prompts in every block (default 0)")
+    cost.add_argument("--kv-separate", action="store_true",
+                      help="separate key and value prompt tensors (default: one shared tensor; counts params)")
     cost.add_argument("--num-classes", type=int, default=0, help="head classes (counts head params/FLOPs)")
     cost.set_defaults(func=_cost)
     return parser

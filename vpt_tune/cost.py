@@ -1,14 +1,15 @@
 """Cost of a prompted ViT known before training: prompt tokens, trainable parameters, GFLOPs.
 
 FLOPs follow the papers' convention (one multiply-add = one FLOP): per block with N tokens,
-width D and MLP ratio r, ``(4 + 2r)·N·D² + 2·N²·D``; plus the patch embedding ``N_patches·D·C·p²``
-and the head ``D·classes``. ``torch.utils.flop_counter`` counts 2 per multiply-add.
+width D and MLP ratio r, ``(4 + 2r)·N·D² + 2·N·(N + T_kv)·D`` where T_kv is the block's E²VPT
+key/value prompts (they only lengthen the keys and values); plus the patch embedding
+``N_patches·D·C·p²`` and the head ``D·classes``. ``torch.utils.flop_counter`` counts 2 per multiply-add.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import timm
 import torch
@@ -54,34 +55,49 @@ class ViTShape:
 class Cost:
     """Cost figures of one prompted configuration."""
 
-    prompt_tokens: float  # mean prompt tokens in the sequence over blocks
+    prompt_tokens: float  # mean visual prompt tokens in the sequence over blocks
+    kv_tokens: float  # mean E²VPT key/value prompts over blocks (extra keys and values, not in the sequence)
     trainable_params: int
     gflops: float  # per image forward, multiply-adds
 
     def as_dict(self) -> dict[str, float]:
-        return {"prompt_tokens": self.prompt_tokens, "trainable_params": self.trainable_params, "gflops": self.gflops}
+        return asdict(self)
 
 
-def block_macs(tokens: int, shape: ViTShape) -> int:
-    """Multiply-adds of one transformer block over ``tokens`` tokens."""
+def block_macs(tokens: int, shape: ViTShape, kv_tokens: int = 0) -> int:
+    """Multiply-adds of one transformer block over ``tokens`` tokens with ``kv_tokens`` KV prompts."""
     d = shape.embed_dim
     linear = tokens * d * (4 * d + 2 * shape.mlp_hidden)  # qkv (3D²) + proj (D²) + MLP (2·D·hidden)
-    attention = 2 * tokens * tokens * d  # Q·Kᵀ and attn·V
+    attention = 2 * tokens * (tokens + kv_tokens) * d  # Q·Kᵀ and attn·V over the prompted keys/values
     return linear + attention
 
 
-def prompted_cost(shape: ViTShape, counts: Sequence[int], num_classes: int = 0) -> Cost:
-    """Cost of ``shape`` with ``counts`` fresh prompts per block and a ``num_classes`` head."""
-    if len(counts) != shape.depth:
-        raise ValueError(f"need one prompt count per block ({shape.depth}), got {len(counts)}")
+def prompted_cost(
+    shape: ViTShape,
+    counts: Sequence[int],
+    num_classes: int = 0,
+    kv_counts: Sequence[int] | None = None,
+    kv_shared: bool = True,
+) -> Cost:
+    """Cost of ``shape`` with ``counts`` fresh prompts and ``kv_counts`` KV prompts (None: none) per
+    block and a ``num_classes`` head. KV prompts are heads·T_kv·head_dim = T_kv·D parameters per block,
+    twice that when keys and values are separate tensors (not ``kv_shared``)."""
+    kv_counts = [0] * shape.depth if kv_counts is None else kv_counts
+    for name, given in (("prompt", counts), ("KV prompt", kv_counts)):
+        if len(given) != shape.depth:
+            raise ValueError(f"need one {name} count per block ({shape.depth}), got {len(given)}")
+        if any(c < 0 for c in given):
+            raise ValueError(f"{name} counts must be >= 0, got {list(given)}")
     present = tokens_per_block(counts)
     base = shape.num_prefix_tokens + shape.num_patches
     macs = shape.num_patches * shape.embed_dim * shape.in_chans * shape.patch_area
-    macs += sum(block_macs(base + p, shape) for p in present)
+    macs += sum(block_macs(base + p, shape, kv) for p, kv in zip(present, kv_counts))
     macs += shape.embed_dim * num_classes
+    kv_params = sum(kv_counts) * shape.embed_dim * (1 if kv_shared else 2)
     head_params = (shape.embed_dim + 1) * num_classes
     return Cost(
         prompt_tokens=sum(present) / shape.depth,
-        trainable_params=sum(counts) * shape.embed_dim + head_params,
+        kv_tokens=sum(kv_counts) / shape.depth,
+        trainable_params=sum(counts) * shape.embed_dim + kv_params + head_params,
         gflops=macs / 1e9,
     )

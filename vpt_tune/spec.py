@@ -86,6 +86,7 @@ class Space(_Strict):
     base_lr: _searchable(float) = 1.0
     weight_decay: _searchable(float) = 0.0
     prompt_dropout: _searchable(float) = 0.0
+    kv_prompts: _searchable(int) | None = None  # E²VPT key/value prompts in every block; None: 0 (method: e2vpt)
 
     @model_validator(mode="after")
     def _check(self) -> "Space":
@@ -108,6 +109,17 @@ class Space(_Strict):
     def searched(self) -> dict[str, Param]:
         """The entries that are searched, in order."""
         return {name: value for name, value in self if isinstance(value, Param)}
+
+
+class E2VPTSpec(_Strict):
+    """Fixed options of E²VPT's key/value prompts (their number is ``space.kv_prompts``).
+
+    ``kv_shared``: one tensor per block serves as keys and values (the authors' commands), or separate
+    key and value tensors (the paper's description); ``kv_position``: before or after the image keys.
+    """
+
+    kv_shared: bool = True
+    kv_position: Literal["prepend", "append"] = "prepend"
 
 
 class BackboneSpec(_Strict):
@@ -172,7 +184,8 @@ class Spec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     backbone: BackboneSpec = BackboneSpec()
     data: DataSpec = DataSpec()
-    method: Literal["vpt"] = "vpt"
+    method: Literal["vpt", "e2vpt"] = "vpt"
+    e2vpt: E2VPTSpec = E2VPTSpec()
     objectives: list[str] = Field(default_factory=lambda: list(OBJECTIVES))
     space: Space
     train: TrainSpec = TrainSpec()
@@ -185,6 +198,11 @@ class Spec(_Strict):
     def _check(self) -> "Spec":
         if sorted(self.objectives) != sorted(OBJECTIVES):
             raise ValueError(f"objectives must be {list(OBJECTIVES)} (other objectives are not supported yet)")
+        if self.method == "vpt":
+            if isinstance(self.space.kv_prompts, Param) or (self.space.kv_prompts or 0) > 0:
+                raise ValueError("space.kv_prompts needs `method: e2vpt` (method vpt has no key/value prompts)")
+            if self.e2vpt != E2VPTSpec():
+                raise ValueError("e2vpt options need `method: e2vpt`")
         return self
 
 
@@ -200,7 +218,9 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
     if not path.is_file() and (len(path.parts) == 1 or path.parts[0] == "search_spaces"):
         path = builtin_spec(path.name) or path  # `demo` or `search_spaces/demo.yaml` from any directory
     if not path.is_file():
-        raise SpecError(f"{path}: spec file not found (built-in specs: demo)")
+        folder = resources.files("vpt_tune") / "search_spaces"
+        builtins = sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
+        raise SpecError(f"{path}: spec file not found (built-in specs: {', '.join(builtins)})")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

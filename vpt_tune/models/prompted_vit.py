@@ -1,4 +1,4 @@
-"""PromptedViT: a frozen timm ViT with VPT prompts and a new linear head; only those train."""
+"""PromptedViT: a frozen timm ViT with VPT (and E²VPT key/value) prompts and a new linear head; only those train."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vpt_tune.models.backbone import freeze
+from vpt_tune.models.kv_prompts import KVPosition, add_kv_prompts
 from vpt_tune.models.prompts import VisualPrompts, uniform_init_bound
 
 
 class PromptedViT(nn.Module):
-    """Frozen ``backbone`` + :class:`VisualPrompts` (``counts`` fresh prompts per block) + linear head.
+    """Frozen ``backbone`` + :class:`VisualPrompts` (``counts`` fresh prompts per block) + linear head,
+    optionally + E²VPT :class:`KVPrompts` (``kv_counts`` key/value prompts per block, None = none).
 
     Sequence layout per block: ``[prefix (class + register tokens), prompts, patches]``; prompts
-    carry no position embedding. Input: images (B, 3, H, W); output: logits (B, num_classes).
+    carry no position embedding. Blocks with KV prompts get a :class:`KVPromptedAttention` as
+    ``attn``; the others keep timm's. Input: images (B, 3, H, W); output: logits (B, num_classes).
     """
 
     def __init__(
@@ -25,15 +28,22 @@ class PromptedViT(nn.Module):
         num_classes: int,
         counts: Sequence[int],
         prompt_dropout: float = 0.0,
+        kv_counts: Sequence[int] | None = None,
+        kv_shared: bool = True,
+        kv_position: KVPosition = "prepend",
     ):
         super().__init__()
-        if len(counts) != len(backbone.blocks):
-            raise ValueError(f"need one prompt count per block ({len(backbone.blocks)}), got {len(counts)}")
+        depth = len(backbone.blocks)
+        kv_counts = [0] * depth if kv_counts is None else kv_counts
+        for name, given in (("prompt", counts), ("KV prompt", kv_counts)):
+            if len(given) != depth:
+                raise ValueError(f"need one {name} count per block ({depth}), got {len(given)}")
         self.backbone = freeze(backbone)
         patch = backbone.patch_embed.patch_size[0]
         self.prompts = VisualPrompts(
             counts, backbone.embed_dim, uniform_init_bound(patch, backbone.embed_dim), prompt_dropout
         )
+        self.kv_prompts = add_kv_prompts(backbone, kv_counts, kv_shared, kv_position)
         self.head = nn.Linear(backbone.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)

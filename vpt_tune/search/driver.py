@@ -18,7 +18,9 @@ from vpt_tune.spec import Spec
 from vpt_tune.train.job import Job, job_cost
 from vpt_tune.train.worker import train_worker
 
-TRIAL_PARAMS = ("num_prompts", "placement", "depth", "layers", "base_lr", "weight_decay", "prompt_dropout")
+TRIAL_PARAMS = (
+    "num_prompts", "placement", "depth", "layers", "base_lr", "weight_decay", "prompt_dropout", "kv_prompts"
+)
 
 
 def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
@@ -35,6 +37,8 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
         warmup_epochs=spec.train.warmup_epochs,
         optimizer=spec.train.optimizer,
         seed=spec.train.seed,
+        kv_shared=spec.e2vpt.kv_shared,
+        kv_position=spec.e2vpt.kv_position,
     )
 
 

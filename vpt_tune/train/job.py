@@ -25,7 +25,7 @@ class Job:
     weights: str  # "demo", "hub", "random" or a local file
     img_size: int
     task_dir: str
-    params: dict[str, Any]  # num_prompts, placement, depth, layers, base_lr, weight_decay, prompt_dropout
+    params: dict[str, Any]  # num_prompts, placement, depth, layers, base_lr, weight_decay, prompt_dropout, kv_prompts
     epochs: int
     batch_size: int
     warmup_epochs: float = 0.0
@@ -33,11 +33,17 @@ class Job:
     seed: int = 0
     train_split: str = "train800"
     eval_split: str = "val200"
+    kv_shared: bool = True  # E²VPT: one tensor for keys and values
+    kv_position: str = "prepend"
 
     def counts(self, num_blocks: int) -> list[int]:
         """Fresh prompts per block for this job's placement."""
         p = self.params
         return prompt_counts(p["num_prompts"], p["placement"], num_blocks, p.get("depth"), p.get("layers"))
+
+    def kv_counts(self, num_blocks: int) -> list[int]:
+        """E²VPT key/value prompts per block: ``kv_prompts`` in every block (0: none)."""
+        return [int(self.params.get("kv_prompts", 0))] * num_blocks
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -63,7 +69,9 @@ def resolve_weights(weights: str) -> str | None:
 def job_cost(job: Job) -> Cost:
     """Prompt tokens, trainable parameters and GFLOPs of ``job``'s model, without building it."""
     shape = ViTShape.for_model(job.model, job.img_size)
-    return prompted_cost(shape, job.counts(shape.depth), num_classes(Path(job.task_dir)))
+    return prompted_cost(
+        shape, job.counts(shape.depth), num_classes(Path(job.task_dir)), job.kv_counts(shape.depth), job.kv_shared
+    )
 
 
 def build(job: Job) -> tuple[PromptedViT, ImageSplit, ImageSplit]:
@@ -75,8 +83,11 @@ def build(job: Job) -> tuple[PromptedViT, ImageSplit, ImageSplit]:
     classes = num_classes(task_dir)
     train_split = load_split(task_dir, job.train_split, job.img_size, mean, std, classes)
     eval_split = load_split(task_dir, job.eval_split, job.img_size, mean, std, classes)
-    counts = job.counts(len(vit.blocks))
-    model = PromptedViT(vit, classes, counts, float(job.params.get("prompt_dropout", 0.0)))
+    depth = len(vit.blocks)
+    model = PromptedViT(
+        vit, classes, job.counts(depth), float(job.params.get("prompt_dropout", 0.0)),
+        job.kv_counts(depth), job.kv_shared, job.kv_position,
+    )
     return model, train_split, eval_split
 
 
