@@ -146,6 +146,7 @@ class TrainSpec(_Strict):
     batch_size: int = Field(32, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     seed: int = 0
+    prefix_cache: bool = True
 
 
 class SearchSpec(_Strict):

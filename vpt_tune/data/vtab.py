@@ -78,13 +78,20 @@ class ImageSplit:
         self, batch_size: int, generator: torch.Generator | None = None, indices: torch.Tensor | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised float batches; shuffled when a ``generator`` is given; restricted to ``indices``."""
-        order = torch.arange(len(self)) if indices is None else indices
-        if generator is not None:
-            order = order[torch.randperm(len(order), generator=generator)]
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batch_indices(len(self), batch_size, generator, indices):
             images = (self.images[idx].float() / 255.0 - self.mean) / self.std
             yield images, self.labels[idx]
+
+
+def batch_indices(
+    size: int, batch_size: int, generator: torch.Generator | None = None, indices: torch.Tensor | None = None
+) -> Iterator[torch.Tensor]:
+    """Index batches over ``range(size)`` (or ``indices``), shuffled when a ``generator`` is given."""
+    order = torch.arange(size) if indices is None else indices
+    if generator is not None:
+        order = order[torch.randperm(len(order), generator=generator)]
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
 
 
 def decode_split(task_dir: Path, split: str, img_size: int, classes: int) -> tuple[np.ndarray, np.ndarray]:

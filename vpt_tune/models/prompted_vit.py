@@ -62,10 +62,27 @@ class PromptedViT(nn.Module):
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
 
-    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """Run every block on embedded tokens, inserting or carrying prompts; final norm applied."""
+    @property
+    def first_prompted_block(self) -> int:
+        """The first block any prompt (visual or key/value) enters; earlier blocks are frozen functions
+        of the image (len(blocks) when there are no prompts at all)."""
+        counts = zip(self.prompts.counts, self.kv_prompts.counts)
+        return next((i for i, (visual, kv) in enumerate(counts) if visual or kv), len(self.prompts.counts))
+
+    @torch.no_grad()
+    def frozen_prefix(self, images: torch.Tensor, start: int) -> torch.Tensor:
+        """The input tokens of block ``start`` (< :attr:`first_prompted_block`): (B, prefix+N, D)."""
+        if start > self.first_prompted_block:
+            raise ValueError(f"block {start} is after the first prompted block {self.first_prompted_block}")
+        x = self.embed(images)
+        for block in self.backbone.blocks[:start]:
+            x = block(x)
+        return x
+
+    def forward_blocks(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Run blocks ``start``.. on their input tokens, inserting or carrying prompts; final norm applied."""
         vit, prefix, carried = self.backbone, self.backbone.num_prefix_tokens, 0
-        for i in range(len(vit.blocks)):
+        for i in range(start, len(vit.blocks)):
             if self.prompts.counts[i] > 0:
                 fresh = self.prompts(i, x.shape[0])
                 x = torch.cat([x[:, :prefix], fresh, x[:, prefix + carried:]], dim=1)
@@ -73,5 +90,9 @@ class PromptedViT(nn.Module):
             x = vit.blocks[i](x)
         return vit.norm(x)
 
+    def forward_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits from the input tokens of block ``start`` (see :meth:`frozen_prefix`)."""
+        return self.head(self.forward_blocks(x, start)[:, 0])
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_blocks(self.embed(images))[:, 0])
+        return self.forward_from(self.embed(images), 0)

@@ -37,6 +37,7 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
         warmup_epochs=spec.train.warmup_epochs,
         optimizer=spec.train.optimizer,
         seed=spec.train.seed,
+        prefix_cache=spec.train.prefix_cache,
         kv_shared=spec.e2vpt.kv_shared,
         kv_position=spec.e2vpt.kv_position,
     )

@@ -36,7 +36,9 @@ from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri
 from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError
 from vpt_tune.train.job import resolve_weights
 
-METRIC_COLUMNS = ("val_acc", "prompt_tokens", "gflops", "trainable_params", "train_loss", "epoch", "train_seconds")
+METRIC_COLUMNS = (
+    "val_acc", "prompt_tokens", "kv_tokens", "gflops", "trainable_params", "train_loss", "epoch", "train_seconds"
+)
 TABLE_FILE = "trials.parquet"
 
 

@@ -15,6 +15,7 @@ from vpt_tune.models.backbone import create_backbone, normalisation
 from vpt_tune.models.placement import prompt_counts
 from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.train.loop import TrainConfig, train
+from vpt_tune.train.prefix_cache import cached_prefix
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Job:
     eval_split: str = "val200"
     kv_shared: bool = True  # E²VPT: one tensor for keys and values
     kv_position: str = "prepend"
+    prefix_cache: bool = True  # run frozen blocks before the first prompted block once (same logits)
 
     def counts(self, num_blocks: int) -> list[int]:
         """Fresh prompts per block for this job's placement."""
@@ -101,5 +103,9 @@ def run(
     """Build and train ``job``; ``wrap`` may wrap the model (e.g. DDP). Returns the model and final metrics."""
     model, train_split, eval_split = build(job)
     model.to(device)
-    metrics = train(wrap(model), train_split, eval_split, job.train_config(), device, on_epoch, shard)
+    net, (train_split, eval_split) = (
+        cached_prefix(model, [train_split, eval_split], job.batch_size, device)
+        if job.prefix_cache else (model, [train_split, eval_split])
+    )
+    metrics = train(wrap(net), train_split, eval_split, job.train_config(), device, on_epoch, shard)
     return model, metrics
