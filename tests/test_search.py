@@ -136,3 +136,32 @@ def test_demo_search_on_real_backbone(tmp_path, local_ray):
     assert list(table["status"]) == ["finished", "finished"]
     # A pretrained backbone is far above chance (0.1) after one epoch; a random one is not.
     assert table["val_acc"].max() > 0.5
+
+
+def test_diverging_trials_fail_and_the_search_goes_on(tmp_path, local_ray):
+    """A NaN loss stops its trial with the reason recorded; Optuna is told; no failed trial is on a front."""
+    raw = small_spec(tmp_path, train={"epochs": 1, "batch_size": 64})
+    raw["space"]["base_lr"] = {"choice": [0.1, 1e30]}
+    raw["search"] = {"sampler": "random", "trials_per_task": 4, "seed": 1}
+    spec = validate(raw)
+    result = run_search(spec, name="nan")
+    table = result.table
+    lrs = [json.loads(c)["base_lr"] for c in table["config"]]
+    assert 1e30 in lrs and 0.1 in lrs  # both kinds were sampled
+    for lr, status, error, pareto in zip(lrs, table["status"], table["error"], table["pareto"]):
+        assert status == ("failed" if lr == 1e30 else "finished")
+        assert ("DivergenceError" in error and "lower base_lr" in error) == (lr == 1e30)
+        assert not (status == "failed" and pareto)
+    study = optuna.load_study(
+        study_name="digits",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(result.experiment_dir / "optuna.journal"))
+        ),
+    )
+    states = sorted(t.state.name for t in study.trials)
+    assert states == sorted("FAIL" if lr == 1e30 else "COMPLETE" for lr in lrs)
+    client = MlflowClient(spec.tracking.mlflow_uri)
+    trial_runs = [r for r in _runs(client, "test") if "trial_id" in r.data.tags]
+    failed = [r for r in trial_runs if r.data.tags["status"] == "failed"]
+    assert len(failed) == lrs.count(1e30)
+    assert all(r.info.status == "FAILED" and "lower base_lr" in r.data.tags["error"] for r in failed)

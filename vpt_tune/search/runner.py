@@ -32,7 +32,7 @@ from vpt_tune.models.backbone import BackboneError
 from vpt_tune.search.driver import run_trial, trial_resources
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.space import DefineByRun, make_sampler
-from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri
+from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri, error_summary
 from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError
 from vpt_tune.train.job import resolve_weights
 
@@ -156,7 +156,7 @@ def results_table(task: str, grid: tune.ResultGrid, run_ids: dict[str, str]) -> 
             "task": task,
             "trial_id": trial_id,
             "status": "failed" if result.error else "finished",
-            "error": str(result.error).strip().splitlines()[-1][:500] if result.error else "",
+            "error": error_summary(str(result.error)) if result.error else "",
             "config": json.dumps(config, sort_keys=True),
             **{k: metrics.get(k) for k in METRIC_COLUMNS},
             "wall_seconds": metrics.get("time_total_s"),  # trial start to its last report

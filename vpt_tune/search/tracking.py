@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,13 @@ TRIAL_METRICS = (
 def default_tracking_uri() -> str:
     """``sqlite:///<cwd>/mlflow.db`` as an absolute URI."""
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def error_summary(trace: str) -> str:
+    """The telling line of a trial's error trace: the last ``SomeError: message`` line."""
+    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return (named or lines or ["trial failed"])[-1][:500]
 
 
 def artifact_location(uri: str) -> str | None:
@@ -125,6 +133,7 @@ class TrialLogger(tune.Callback):
         self.tracker.end_run(self._run_id(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = str(getattr(trial, "error_msg", None) or "trial failed").strip().splitlines()[-1][:500]
+        error_file = trial.error_file  # written locally just before this callback, synced to storage later
+        error = error_summary(Path(error_file).read_text() if error_file and Path(error_file).is_file() else "")
         self.tracker.set_tags(self._run_id(trial), {"status": "failed", "error": error})
         self.tracker.end_run(self._run_id(trial), "FAILED")
