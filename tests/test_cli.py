@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import ray
+import torch
 import yaml
 
 from vpt_tune.search.runner import run_search
@@ -77,6 +78,14 @@ def test_preflight_errors_before_ray(tmp_path):
         ({"data": {"root": str(tmp_path / "nowhere"), "tasks": ["cifar"]}}, "data.root"),
         ({"data": {"root": str(tmp_path), "tasks": ["cifar", "dtd"]}}, "cifar, dtd"),
     ]
+    (tmp_path / "a_file").write_text("")
+    cases += [
+        ({"storage": str(tmp_path / "a_file" / "results")}, "storage: cannot create"),
+        ({"tracking": {"mlflow_uri": "http://127.0.0.1:9"}}, "tracking.mlflow_uri: no MLflow server answers"),
+        ({"tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/nowhere/mlflow.db"}}, "tracking.mlflow_uri: .* writable"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(({"resources": {"gpus_per_worker": 1}}, "resources.gpus_per_worker: .* this machine has none"))
     for sections, message in cases:
         spec = validate(small_spec(tmp_path, **sections))
         with pytest.raises(SpecError, match=message):
@@ -91,4 +100,4 @@ def test_preflight_errors_before_ray(tmp_path):
     with pytest.raises(SpecError, match="space.depth"):
         run_search(validate(raw), name="never")
     assert not ray.is_initialized()  # nothing expensive started
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()  # nothing written

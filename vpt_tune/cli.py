@@ -7,7 +7,6 @@ import json
 import sys
 import time
 import traceback
-from pathlib import Path
 
 from vpt_tune.errors import UserError
 

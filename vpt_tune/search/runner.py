@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import ray
+import torch
 import yaml
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -28,7 +30,6 @@ from vpt_tune.cost import ViTShape
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
 from vpt_tune.data.vtab import decode_split, num_classes
-from vpt_tune.models.backbone import BackboneError
 from vpt_tune.search.driver import run_trial, trial_resources
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.space import DefineByRun, make_sampler
@@ -94,6 +95,41 @@ def check_model(spec: Spec) -> None:
     high = depth.int_range[1] if isinstance(depth, Param) and depth.int_range else depth
     if isinstance(high, int) and high > shape.depth:
         raise SpecError(f"space.depth: {high} exceeds the {shape.depth} blocks of {spec.backbone.model}")
+
+
+def check_storage(experiment_dir: Path) -> None:
+    """The experiment directory must be new and creatable."""
+    if experiment_dir.exists():
+        raise SpecError(f"--name: experiment {experiment_dir} exists already; choose another --name")
+    existing = next(p for p in experiment_dir.parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"storage: cannot create {experiment_dir} ({existing} is not a writable directory)")
+
+
+def check_tracking(uri: str) -> None:
+    """An MLflow server must answer (5 s), a sqlite store's folder must be writable."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
+        except OSError as err:
+            raise SpecError(
+                f"tracking.mlflow_uri: no MLflow server answers at {uri} ({err}); start one with "
+                "`mlflow server --host 127.0.0.1 --port 5000` or use sqlite:///mlflow.db"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise SpecError(f"tracking.mlflow_uri: {folder} is not a writable directory for the sqlite store")
+
+
+def check_gpus(spec: Spec) -> None:
+    """Trials that ask for GPUs need one here, unless they run on a Ray cluster (checked there)."""
+    joining_cluster = ray.is_initialized() or os.environ.get("RAY_ADDRESS")
+    if spec.resources.gpus_per_worker > 0 and not joining_cluster and not torch.cuda.is_available():
+        raise SpecError(
+            "resources.gpus_per_worker: the trials ask for GPUs but this machine has none; "
+            "set gpus_per_worker: 0 (--set resources.gpus_per_worker=0) or run on a GPU cluster"
+        )
 
 
 def concurrency(spec: Spec) -> int:
@@ -178,14 +214,16 @@ def run_search(
     """Run the whole search of ``spec``; return the experiment directory and the trial table."""
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     experiment_dir = Path(storage or spec.storage).expanduser().resolve() / name
-    if experiment_dir.exists():
-        raise SpecError(f"--name: experiment {experiment_dir} exists already; choose another --name")
+    uri = mlflow_uri or spec.tracking.mlflow_uri or default_tracking_uri()
+    # Every check before anything is written or Ray starts: a mistake costs seconds, not a cluster.
+    check_storage(experiment_dir)
+    check_tracking(uri)
+    check_gpus(spec)
     check_model(spec)
     tasks = task_dirs(spec)
     check_data(spec, tasks)
     if spec.backbone.weights == "demo":
         resolve_weights("demo")  # download + convert once, before any trial needs it
-    uri = mlflow_uri or spec.tracking.mlflow_uri or default_tracking_uri()
     tracker = Tracker(uri, spec.tracking.experiment)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console tables off: we print progress

@@ -6,7 +6,6 @@ the store: no sqlite locking between trial processes.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import tempfile
