@@ -62,14 +62,13 @@ def decode_image(path: Path, img_size: int) -> np.ndarray:
     return np.asarray(rgb).transpose(2, 0, 1)
 
 
-@dataclass
-class ImageSplit:
-    """One decoded split: uint8 images (N, 3, S, S), int64 labels (N,), normalisation constants."""
+class Batched:
+    """Batches of ``(inputs, labels)`` over a split that has ``labels`` and ``inputs(indices)``."""
 
-    images: torch.Tensor
     labels: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
+
+    def inputs(self, indices: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -77,21 +76,27 @@ class ImageSplit:
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None, indices: torch.Tensor | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised float batches; shuffled when a ``generator`` is given; restricted to ``indices``."""
-        for idx in batch_indices(len(self), batch_size, generator, indices):
-            images = (self.images[idx].float() / 255.0 - self.mean) / self.std
-            yield images, self.labels[idx]
+        """Batches in order, or shuffled when a ``generator`` is given; restricted to ``indices``."""
+        order = torch.arange(len(self)) if indices is None else indices
+        if generator is not None:
+            order = order[torch.randperm(len(order), generator=generator)]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            yield self.inputs(idx), self.labels[idx]
 
 
-def batch_indices(
-    size: int, batch_size: int, generator: torch.Generator | None = None, indices: torch.Tensor | None = None
-) -> Iterator[torch.Tensor]:
-    """Index batches over ``range(size)`` (or ``indices``), shuffled when a ``generator`` is given."""
-    order = torch.arange(size) if indices is None else indices
-    if generator is not None:
-        order = order[torch.randperm(len(order), generator=generator)]
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+@dataclass
+class ImageSplit(Batched):
+    """One decoded split: uint8 images (N, 3, S, S), int64 labels (N,), normalisation constants."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def inputs(self, indices: torch.Tensor) -> torch.Tensor:
+        """Normalised float images (B, 3, S, S)."""
+        return (self.images[indices].float() / 255.0 - self.mean) / self.std
 
 
 def decode_split(task_dir: Path, split: str, img_size: int, classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,33 +8,26 @@ backward never reached those blocks anyway, so a trial with late prompts gets up
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from vpt_tune.data.vtab import ImageSplit, batch_indices
+from vpt_tune.data.vtab import Batched, ImageSplit
 from vpt_tune.models.prompted_vit import PromptedViT
 
 MAX_CACHE_BYTES = 4 * 1024**3  # per trial, train + eval; larger splits run uncached
 
 
 @dataclass
-class TokenSplit:
+class TokenSplit(Batched):
     """Cached block inputs (N, tokens, D) and labels, batched like :class:`ImageSplit`."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(
-        self, batch_size: int, generator: torch.Generator | None = None, indices: torch.Tensor | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for idx in batch_indices(len(self), batch_size, generator, indices):
-            yield self.tokens[idx], self.labels[idx]
+    def inputs(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.tokens[indices]
 
 
 class FromBlock(nn.Module):
