@@ -78,9 +78,11 @@ def prompted_cost(
     num_classes: int = 0,
     kv_counts: Sequence[int] | None = None,
     kv_shared: bool = True,
+    fresh: Sequence[bool] | None = None,
 ) -> Cost:
     """Cost of ``shape`` with ``counts`` fresh prompts and ``kv_counts`` KV prompts (None: none) per
-    block and a ``num_classes`` head. KV prompts are heads·T_kv·head_dim = T_kv·D parameters per block,
+    block and a ``num_classes`` head; ``fresh`` marks the blocks that replace the prompts (default:
+    ``counts > 0``; condensed models may replace with 0). KV prompts are heads·T_kv·head_dim = T_kv·D parameters per block,
     twice that when keys and values are separate tensors (not ``kv_shared``)."""
     kv_counts = [0] * shape.depth if kv_counts is None else kv_counts
     for name, given in (("prompt", counts), ("KV prompt", kv_counts)):
@@ -88,7 +90,7 @@ def prompted_cost(
             raise ValueError(f"need one {name} count per block ({shape.depth}), got {len(given)}")
         if any(c < 0 for c in given):
             raise ValueError(f"{name} counts must be >= 0, got {list(given)}")
-    present = tokens_per_block(counts)
+    present = tokens_per_block(counts, fresh)
     base = shape.num_prefix_tokens + shape.num_patches
     macs = shape.num_patches * shape.embed_dim * shape.in_chans * shape.patch_area
     macs += sum(block_macs(base + p, shape, kv) for p, kv in zip(present, kv_counts))

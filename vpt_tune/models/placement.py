@@ -45,10 +45,15 @@ def prompt_counts(
     return [num_prompts if i in chosen else 0 for i in range(num_blocks)]
 
 
-def tokens_per_block(counts: Sequence[int]) -> list[int]:
-    """Prompt tokens present in each block's input under VPT's replace-or-carry rule."""
+def tokens_per_block(counts: Sequence[int], fresh: Sequence[bool] | None = None) -> list[int]:
+    """Prompt tokens present in each block's input under VPT's replace-or-carry rule.
+
+    ``fresh[i]``: block i discards the previous prompts and inserts its own ``counts[i]`` (default:
+    exactly the blocks with ``counts[i] > 0``; a condensed block may be fresh with 0 prompts).
+    """
+    fresh = [c > 0 for c in counts] if fresh is None else fresh
     present, carried = [], 0
-    for count in counts:
-        carried = count if count > 0 else carried
+    for count, new in zip(counts, fresh):
+        carried = count if new else carried
         present.append(carried)
     return present

@@ -66,8 +66,8 @@ class PromptedViT(nn.Module):
     def first_prompted_block(self) -> int:
         """The first block any prompt (visual or key/value) enters; earlier blocks are frozen functions
         of the image (len(blocks) when there are no prompts at all)."""
-        counts = zip(self.prompts.counts, self.kv_prompts.counts)
-        return next((i for i, (visual, kv) in enumerate(counts) if visual or kv), len(self.prompts.counts))
+        blocks = zip(self.prompts.fresh, self.kv_prompts.counts)
+        return next((i for i, (fresh, kv) in enumerate(blocks) if fresh or kv), len(self.prompts.counts))
 
     @torch.no_grad()
     def frozen_prefix(self, images: torch.Tensor, start: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ class PromptedViT(nn.Module):
         """Run blocks ``start``.. on their input tokens, inserting or carrying prompts; final norm applied."""
         vit, prefix, carried = self.backbone, self.backbone.num_prefix_tokens, 0
         for i in range(start, len(vit.blocks)):
-            if self.prompts.counts[i] > 0:
+            if self.prompts.fresh[i]:
                 fresh = self.prompts(i, x.shape[0])
                 x = torch.cat([x[:, :prefix], fresh, x[:, prefix + carried:]], dim=1)
                 carried = fresh.shape[1]

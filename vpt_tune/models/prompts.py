@@ -18,19 +18,28 @@ def uniform_init_bound(patch_size: int, embed_dim: int) -> float:
 
 
 class VisualPrompts(nn.Module):
-    """Learnable prompt tokens for each block that has fresh prompts.
+    """Learnable prompt tokens for each block that inserts fresh prompts.
 
-    ``forward(block, batch)`` returns the block's prompts as a (batch, count, D) tensor,
-    with prompt dropout applied in training mode.
+    ``fresh[i]`` (default ``counts[i] > 0``) says block i discards the previous prompts and inserts
+    its own ``counts[i]`` (possibly 0, after condensation). ``forward(block, batch)`` returns the
+    block's prompts as a (batch, count, D) tensor, with prompt dropout applied in training mode.
     """
 
-    def __init__(self, counts: Sequence[int], embed_dim: int, init_bound: float, dropout: float = 0.0):
+    def __init__(
+        self,
+        counts: Sequence[int],
+        embed_dim: int,
+        init_bound: float,
+        dropout: float = 0.0,
+        fresh: Sequence[bool] | None = None,
+    ):
         super().__init__()
         self.counts = [int(c) for c in counts]
+        self.fresh = [c > 0 for c in self.counts] if fresh is None else [bool(f) for f in fresh]
         self.embed_dim = embed_dim
         self.tokens = nn.ParameterDict(
             {str(i): nn.Parameter(torch.empty(c, embed_dim).uniform_(-init_bound, init_bound))
-             for i, c in enumerate(self.counts) if c > 0}
+             for i, (c, new) in enumerate(zip(self.counts, self.fresh)) if new}
         )
         self.dropout = nn.Dropout(dropout)
 

@@ -1,0 +1,81 @@
+"""Prompt Condensation: Taylor scores, global/per-block selection, a condensed model that really drops prompts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vpt_tune.condense import condense_, prompt_importance, select_prompts
+from vpt_tune.cost import ViTShape, prompted_cost
+from vpt_tune.models.placement import prompt_counts
+from vpt_tune.models.prompted_vit import PromptedViT
+
+CPU = torch.device("cpu")
+
+
+def _deep(make_vit, prompts=3, seed=0):
+    torch.manual_seed(seed)
+    return PromptedViT(make_vit(), 2, prompt_counts(prompts, "deep", 4)).eval()
+
+
+def test_select_global_and_per_block():
+    scores = {0: torch.tensor([5.0, 1.0, 0.0]), 1: torch.tensor([4.0, 3.0, 2.0]), 2: torch.tensor([0.5, 0.1, 9.0])}
+    kept = select_prompts(scores, ratio=0.5)  # keep ceil(0.5 * 9) = 5 best overall
+    assert kept == {0: [0], 1: [0, 1, 2], 2: [2]}
+    assert sum(map(len, kept.values())) == 5
+    assert select_prompts(scores, ratio=0.5, per_block=True) == {0: [0, 1], 1: [0, 1], 2: [0, 2]}
+    assert select_prompts(scores, ratio=0.0) == {0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1, 2]}
+    with pytest.raises(ValueError, match="ratio"):
+        select_prompts(scores, ratio=1.0)
+
+
+def test_the_prompt_that_carries_the_signal_is_kept(make_vit, two_class_splits):
+    model = _deep(make_vit)
+    with torch.no_grad():
+        for tokens in model.prompts.tokens.values():
+            tokens.zero_()  # removing a zero prompt changes nothing to first order...
+        model.prompts.tokens["1"][2].normal_()  # ...only this one matters
+    scores = prompt_importance(model, model, two_class_splits(16, 0), 8, CPU)
+    assert scores[1][2] > 0
+    assert all(s.sum() == 0 for block, s in scores.items() if block != 1)
+    assert scores[1][:2].sum() == 0
+    total = sum(len(s) for s in scores.values())
+    kept = select_prompts(scores, ratio=0.9)  # keep ceil(0.1 * 12) = 2
+    assert sum(map(len, kept.values())) == math.ceil(0.1 * total)
+    assert 2 in kept[1]
+
+
+def test_condensed_logits_equal_full_model_without_dropped_prompts(make_vit, images):
+    model = _deep(make_vit, prompts=3)
+    full = {i: p.detach().clone() for i, p in model.prompts.tokens.items()}
+    kept = {0: [0, 2], 1: [], 2: [1], 3: [0, 1, 2]}  # block 1 keeps none: it must drop, not carry
+
+    # Reference: the VPT-deep forward written out, with each block's kept prompts only.
+    vit, prefix = model.backbone, model.backbone.num_prefix_tokens
+    with torch.no_grad():
+        x, carried = model.embed(images), 0
+        for i, block in enumerate(vit.blocks):
+            prompts = full[str(i)][kept[i]].expand(len(images), -1, -1)
+            x = torch.cat([x[:, :prefix], prompts, x[:, prefix + carried:]], dim=1)
+            carried = len(kept[i])
+            x = block(x)
+        expected = model.head(vit.norm(x)[:, 0])
+        condense_(model, kept)
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-6)
+    assert model.prompts.counts == [2, 0, 1, 3] and model.prompts.fresh == [True] * 4
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 6 * vit.embed_dim + (vit.embed_dim + 1) * 2
+
+
+def test_condensed_cost_counts_the_kept_tokens(make_vit):
+    model = _deep(make_vit, prompts=4)
+    condense_(model, {0: [0], 1: [], 2: [1, 2], 3: [3]})
+    shape = ViTShape.of(model.backbone)
+    full = prompted_cost(shape, prompt_counts(4, "deep", 4))
+    condensed = prompted_cost(shape, model.prompts.counts, fresh=model.prompts.fresh)
+    assert condensed.prompt_tokens == pytest.approx((1 + 0 + 2 + 1) / 4)
+    assert condensed.gflops < full.gflops
+    # Without the fresh flags the empty block would wrongly carry block 0's prompt.
+    assert prompted_cost(shape, model.prompts.counts).prompt_tokens == pytest.approx((1 + 1 + 2 + 1) / 4)
