@@ -79,3 +79,21 @@ def test_condensed_cost_counts_the_kept_tokens(make_vit):
     assert condensed.gflops < full.gflops
     # Without the fresh flags the empty block would wrongly carry block 0's prompt.
     assert prompted_cost(shape, model.prompts.counts).prompt_tokens == pytest.approx((1 + 1 + 2 + 1) / 4)
+
+
+def test_job_condenses_then_fine_tunes_and_reports_the_condensed_cost(tmp_path):
+    from vpt_tune.data.demo import materialise
+    from vpt_tune.train.job import Job, job_cost, run
+
+    job = Job(
+        model="vit_tiny_patch16_224", weights="random", img_size=32, task_dir=str(materialise("digits", tmp_path)),
+        params={"num_prompts": 4, "placement": "deep", "base_lr": 0.1, "condensation_ratio": 0.75},
+        epochs=1, batch_size=100, condense_epochs=1,
+    )
+    epochs = []
+    model, metrics = run(job, CPU, on_epoch=lambda epoch, m: epochs.append(epoch))
+    assert epochs == [0, 1] and job.total_epochs == 2  # training, then condensation fine-tuning
+    assert 0.0 <= metrics["val_acc_uncondensed"] <= 1.0 and 0.0 <= metrics["val_acc"] <= 1.0
+    assert sum(model.prompts.counts) == math.ceil(0.25 * 4 * 12)
+    assert metrics["prompt_tokens"] == pytest.approx(sum(model.prompts.counts) / 12)
+    assert metrics["gflops"] < job_cost(job).gflops

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import optuna
 import pandas as pd
@@ -50,21 +51,26 @@ def _runs(client: MlflowClient, experiment: str) -> list:
 
 
 def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
-    spec = validate(small_spec(tmp_path))
+    raw = small_spec(tmp_path)
+    raw["space"]["condensation_ratio"] = 0.5  # Prompt Condensation after training, then 1 fine-tuning epoch
+    raw["train"]["condense_epochs"] = 1
+    spec = validate(raw)
     result = run_search(spec, name="exp")
     table = result.table
 
     # Both trials finished with the three objectives, and the front is the non-dominated set.
     assert list(table["status"]) == ["finished", "finished"]
     assert table[["val_acc", "prompt_tokens", "gflops"]].notna().all().all()
-    assert (table["epoch"] == 2).all()
+    assert (table["epoch"] == 3).all()
+    assert table["val_acc_uncondensed"].notna().all()
     assert table["pareto"].any()
     configs = [json.loads(c) for c in table["config"]]
     for config, tokens in zip(configs, table["prompt_tokens"]):
         assert 1 <= config["num_prompts"] <= 8
         assert ("depth" in config) == (config["placement"] == "last_k")
-        expected = config["num_prompts"] * (config["depth"] / 12 if config["placement"] == "last_k" else 1)
-        assert tokens == pytest.approx(expected)
+        blocks = {"shallow": 1, "deep": 12, "last_k": config.get("depth")}[config["placement"]]
+        kept = math.ceil(0.5 * config["num_prompts"] * blocks)  # the cost is that of the condensed model
+        assert tokens == pytest.approx(kept if config["placement"] == "shallow" else kept / 12)
 
     # The Optuna study in the experiment directory saw both trials with the same objective values.
     study = optuna.load_study(
@@ -92,7 +98,7 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
         assert run.data.tags["status"] == "finished"
         assert run.data.params["num_prompts"] == str(json.loads(row["config"])["num_prompts"])
         assert run.data.metrics["val_acc"] == pytest.approx(row["val_acc"])
-        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2  # one per epoch
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 3  # one per epoch, fine-tuning too
         assert "pid" not in run.data.metrics  # Tune's bookkeeping stays out
     task_artifacts = {a.path for a in client.list_artifacts(task_runs[0].info.run_id)}
     assert {"front_val_acc_vs_prompt_tokens.html", "front_val_acc_vs_gflops.png", "trials.parquet"} <= task_artifacts

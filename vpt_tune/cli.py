@@ -58,7 +58,7 @@ def _pareto(args: argparse.Namespace) -> None:
                 "trial_id": row["trial_id"],
                 "status": row["status"],
                 "config": json.loads(row["config"]),
-                "metrics": {k: row.get(k) for k in ("val_acc", "prompt_tokens", "kv_tokens", "gflops", "trainable_params")},
+                "metrics": {k: row.get(k) for k in ("val_acc", "val_acc_uncondensed", "prompt_tokens", "kv_tokens", "gflops", "trainable_params")},
                 "pareto": bool(row["pareto"]),
             }
             for row in table.to_dict("records")

@@ -87,6 +87,7 @@ class Space(_Strict):
     weight_decay: _searchable(float) = 0.0
     prompt_dropout: _searchable(float) = 0.0
     kv_prompts: _searchable(int) | None = None  # E²VPT key/value prompts in every block; None: 0 (method: e2vpt)
+    condensation_ratio: _searchable(float) | None = None  # Prompt Condensation: fraction of prompts dropped
 
     @model_validator(mode="after")
     def _check(self) -> "Space":
@@ -147,6 +148,8 @@ class TrainSpec(_Strict):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     seed: int = 0
     prefix_cache: bool = True
+    condense_epochs: int = Field(1, ge=0)
+    condense_per_block: bool = False
 
 
 class SearchSpec(_Strict):

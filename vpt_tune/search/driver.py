@@ -19,7 +19,8 @@ from vpt_tune.train.job import Job, job_cost
 from vpt_tune.train.worker import train_worker
 
 TRIAL_PARAMS = (
-    "num_prompts", "placement", "depth", "layers", "base_lr", "weight_decay", "prompt_dropout", "kv_prompts"
+    "num_prompts", "placement", "depth", "layers", "base_lr", "weight_decay", "prompt_dropout", "kv_prompts",
+    "condensation_ratio",
 )
 
 
@@ -38,6 +39,8 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
         optimizer=spec.train.optimizer,
         seed=spec.train.seed,
         prefix_cache=spec.train.prefix_cache,
+        condense_epochs=spec.train.condense_epochs,
+        condense_per_block=spec.train.condense_per_block,
         kv_shared=spec.e2vpt.kv_shared,
         kv_position=spec.e2vpt.kv_position,
     )

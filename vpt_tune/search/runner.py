@@ -38,7 +38,8 @@ from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError
 from vpt_tune.train.job import resolve_weights
 
 METRIC_COLUMNS = (
-    "val_acc", "prompt_tokens", "kv_tokens", "gflops", "trainable_params", "train_loss", "epoch", "train_seconds"
+    "val_acc", "val_acc_uncondensed", "prompt_tokens", "kv_tokens", "gflops", "trainable_params", "train_loss",
+    "epoch", "train_seconds",
 )
 TABLE_FILE = "trials.parquet"
 

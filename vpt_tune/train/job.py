@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
+from vpt_tune.condense import condense_, prompt_importance, select_prompts
 from vpt_tune.cost import Cost, ViTShape, prompted_cost
 from vpt_tune.data.vtab import ImageSplit, load_split, num_classes
 from vpt_tune.models.backbone import create_backbone, normalisation
 from vpt_tune.models.placement import prompt_counts
 from vpt_tune.models.prompted_vit import PromptedViT
-from vpt_tune.train.loop import TrainConfig, train
+from vpt_tune.train.loop import TrainConfig, evaluate, train
 from vpt_tune.train.prefix_cache import cached_prefix
 
 
@@ -37,6 +38,17 @@ class Job:
     kv_shared: bool = True  # E²VPT: one tensor for keys and values
     kv_position: str = "prepend"
     prefix_cache: bool = True  # run frozen blocks before the first prompted block once (same logits)
+    condense_epochs: int = 1  # fine-tuning after condensation (params["condensation_ratio"] > 0)
+    condense_per_block: bool = False  # keep the top fraction of each block instead of globally
+
+    @property
+    def condensation_ratio(self) -> float:
+        return float(self.params.get("condensation_ratio") or 0.0)
+
+    @property
+    def total_epochs(self) -> int:
+        """Training epochs plus the condensation fine-tuning epochs, if any."""
+        return self.epochs + (self.condense_epochs if self.condensation_ratio > 0 else 0)
 
     def counts(self, num_blocks: int) -> list[int]:
         """Fresh prompts per block for this job's placement."""
@@ -47,9 +59,9 @@ class Job:
         """E²VPT key/value prompts per block: ``kv_prompts`` in every block (0: none)."""
         return [int(self.params.get("kv_prompts", 0))] * num_blocks
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self, epochs: int | None = None) -> TrainConfig:
         return TrainConfig(
-            epochs=self.epochs,
+            epochs=self.epochs if epochs is None else epochs,
             batch_size=self.batch_size,
             base_lr=float(self.params["base_lr"]),
             weight_decay=float(self.params.get("weight_decay", 0.0)),
@@ -100,7 +112,13 @@ def run(
     shard: tuple[int, int] = (0, 1),
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model,
 ) -> tuple[PromptedViT, dict[str, float]]:
-    """Build and train ``job``; ``wrap`` may wrap the model (e.g. DDP). Returns the model and final metrics."""
+    """Build and train ``job``; ``wrap`` may wrap the model (e.g. DDP). Returns the model and final metrics.
+
+    With a condensation ratio r > 0 (Prompt Condensation): after training, keep the
+    ``ceil((1 - r) * T)`` most important prompts, fine-tune them and the head for ``condense_epochs``
+    (epochs numbered on from ``epochs``), and report ``val_acc_uncondensed`` beside ``val_acc``.
+    The metrics include the cost of the final (condensed) model.
+    """
     model, train_split, eval_split = build(job)
     model.to(device)
     net, (train_split, eval_split) = (
@@ -108,4 +126,21 @@ def run(
         if job.prefix_cache else (model, [train_split, eval_split])
     )
     metrics = train(wrap(net), train_split, eval_split, job.train_config(), device, on_epoch, shard)
-    return model, metrics
+    if job.condensation_ratio > 0:
+        scores = prompt_importance(net, model, train_split, job.batch_size, device)
+        condense_(model, select_prompts(scores, job.condensation_ratio, job.condense_per_block))
+        uncondensed = metrics["val_acc"]
+        metrics = train(
+            wrap(net), train_split, eval_split, job.train_config(job.condense_epochs), device,
+            lambda epoch, m: on_epoch(job.epochs + epoch, m), shard,
+        ) if job.condense_epochs > 0 else {**metrics, "val_acc": evaluate(net, eval_split, job.batch_size, device)}
+        metrics["val_acc_uncondensed"] = uncondensed
+    return model, {**metrics, **model_cost(model, job).as_dict()}
+
+
+def model_cost(model: PromptedViT, job: Job) -> Cost:
+    """Cost of a built (possibly condensed) model."""
+    return prompted_cost(
+        ViTShape.of(model.backbone), model.prompts.counts, model.head.out_features,
+        model.kv_prompts.counts, job.kv_shared, model.prompts.fresh,
+    )

@@ -29,14 +29,14 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def train_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the trial's TorchTrainer; ``config`` = {"job": asdict(Job), "report": {...}}."""
     job = Job(**config["job"])
-    constant_metrics = config["report"]  # cost figures known before training, repeated in every report
+    constant_metrics = config["report"]  # cost figures known before training; the last report has the final ones
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
 
     def report(epoch: int, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report({**metrics, **constant_metrics, "epoch": epoch + 1}, checkpoint=checkpoint)
+        ray.train.report({**constant_metrics, **metrics, "epoch": epoch + 1}, checkpoint=checkpoint)
 
     last: dict[str, Any] = {"train_seconds": 0.0}
 
@@ -44,12 +44,12 @@ def train_worker(config: dict[str, Any]) -> None:
         last["train_seconds"] += metrics["epoch_seconds"]  # training + evaluation time, no overheads
         metrics = {**metrics, "train_seconds": last["train_seconds"]}
         last.update(epoch=epoch, metrics=metrics)
-        if epoch + 1 < job.epochs:
+        if epoch + 1 < job.total_epochs:
             report(epoch, metrics)
 
     wrap = prepare_model if world > 1 else (lambda model: model)
-    model, _ = run(job, get_device(), on_epoch, shard=(rank, world), wrap=wrap)
+    model, final = run(job, get_device(), on_epoch, shard=(rank, world), wrap=wrap)  # incl. condensed cost
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             torch.save({"trainable": trainable_state(model), "job": asdict(job)}, Path(tmp) / TRAINABLE_FILE)
-        report(last["epoch"], last["metrics"], tmp if rank == 0 else None)
+        report(last["epoch"], {**last["metrics"], **final}, tmp if rank == 0 else None)
