@@ -100,6 +100,8 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
         assert run.data.metrics["val_acc"] == pytest.approx(row["val_acc"])
         assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 3  # one per epoch, fine-tuning too
         assert "pid" not in run.data.metrics  # Tune's bookkeeping stays out
+        saved = {a.path for a in client.list_artifacts(run.info.run_id, "prompts")}
+        assert saved == ({"prompts/trainable.pt"} if row["pareto"] else set())  # prompts + head of Pareto trials
     task_artifacts = {a.path for a in client.list_artifacts(task_runs[0].info.run_id)}
     assert {"front_val_acc_vs_prompt_tokens.html", "front_val_acc_vs_gflops.png", "trials.parquet"} <= task_artifacts
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "digits")}

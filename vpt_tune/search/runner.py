@@ -198,6 +198,7 @@ def results_table(task: str, grid: tune.ResultGrid, run_ids: dict[str, str]) -> 
             **{k: metrics.get(k) for k in METRIC_COLUMNS},
             "wall_seconds": metrics.get("time_total_s"),  # trial start to its last report
             "mlflow_run_id": run_ids.get(trial_id, ""),
+            "checkpoint": metrics.get("checkpoint_path") or "",  # the trained prompts + head
         })
     table = pd.DataFrame(rows)
     finished = table["status"] == "finished"
@@ -309,6 +310,8 @@ def _search_task(
     for row in table.itertuples():
         if row.mlflow_run_id:
             tracker.set_tags(row.mlflow_run_id, {"pareto": str(bool(row.pareto)).lower()})
+        if row.pareto and row.mlflow_run_id and row.checkpoint:
+            tracker.client.log_artifacts(row.mlflow_run_id, row.checkpoint, "prompts")  # small: never the backbone
     tracker.log_fronts(task_run, table, task)
     tracker.log_fronts(parent, table, task, artifact_path=task)
     tracker.end_run(task_run)
