@@ -159,11 +159,12 @@ class ProgressPrinter(tune.Callback):
         # Prints directly: Tune pickles its callbacks with the experiment state, so no function attributes.
         self.task, self.total = task, total
         self.started = time.monotonic()
-        self.finished: list[dict] = []
+        self.done = 0
+        self.finished: list[dict] = []  # objectives of the finished (not failed) trials
 
     def _line(self, trial, outcome: str) -> None:
-        elapsed = time.monotonic() - self.started
-        done = len(self.finished)
+        self.done += 1
+        elapsed, done = time.monotonic() - self.started, self.done
         eta = elapsed / max(1, done) * (self.total - done)
         front = int(pareto_mask(pd.DataFrame(self.finished)).sum()) if self.finished else 0
         print(
@@ -178,7 +179,6 @@ class ProgressPrinter(tune.Callback):
         self._line(trial, f"val_acc {r['val_acc']:.3f}, {r['prompt_tokens']:.1f} tokens, {r['gflops']:.2f} GFLOPs")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.finished.append({"val_acc": -1.0, "prompt_tokens": float("inf"), "gflops": float("inf")})
         self._line(trial, "FAILED")
 
 
@@ -188,7 +188,7 @@ def results_table(task: str, grid: tune.ResultGrid, run_ids: dict[str, str]) -> 
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        config = {k: v for k, v in (result.config or {}).items()}
+        config = dict(result.config or {})
         rows.append({
             "task": task,
             "trial_id": trial_id,
@@ -312,8 +312,7 @@ def _search_task(
             tracker.set_tags(row.mlflow_run_id, {"pareto": str(bool(row.pareto)).lower()})
         if row.pareto and row.mlflow_run_id and row.checkpoint:
             tracker.client.log_artifacts(row.mlflow_run_id, row.checkpoint, "prompts")  # small: never the backbone
-    tracker.log_fronts(task_run, table, task)
-    tracker.log_fronts(parent, table, task, artifact_path=task)
+    tracker.log_fronts(table, task, [(task_run, None), (parent, task)])
     tracker.end_run(task_run)
     return table
 

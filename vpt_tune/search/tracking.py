@@ -86,8 +86,9 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def log_fronts(self, run_id: str, table: pd.DataFrame, title: str, artifact_path: str | None = None) -> None:
-        """Log the val_acc-vs-cost fronts (self-contained HTML + PNG) and the trial table (parquet)."""
+    def log_fronts(self, table: pd.DataFrame, title: str, destinations: list[tuple[str, str | None]]) -> None:
+        """Render the val_acc-vs-cost fronts (self-contained HTML + PNG) and the trial table (parquet)
+        once, and log them to every ``(run_id, artifact_path)`` of ``destinations``."""
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             finished = table[table["status"] == "finished"]
@@ -98,7 +99,8 @@ class Tracker:
                 )
                 front_png(finished, cost, f"{title}: val_acc vs {cost}", out / f"{name}.png")
             table.to_parquet(out / "trials.parquet", index=False)
-            self.client.log_artifacts(run_id, tmp, artifact_path)
+            for run_id, artifact_path in destinations:
+                self.client.log_artifacts(run_id, tmp, artifact_path)
 
 
 class TrialLogger(tune.Callback):
