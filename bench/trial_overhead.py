@@ -37,7 +37,7 @@ def main() -> None:
             "storage": f"{tmp}/results",
         })
         started = time.monotonic()
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray_init = time.monotonic() - started
         started = time.monotonic()
         table = run_search(spec, name="bench").table

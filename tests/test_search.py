@@ -23,7 +23,7 @@ from vpt_tune.spec import SpecError, load_spec, validate
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (2 CPUs, as in CI)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

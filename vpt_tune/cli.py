@@ -14,6 +14,8 @@ EPILOG = """examples:
   vpt-tune search                                   # the built-in demo search (CPU, offline, minutes)
   vpt-tune search search_spaces/demo.yaml --set search.trials_per_task=16
   vpt-tune resume vpt_results/demo-20261123-101500  # continue an interrupted search
+  vpt-tune search search_spaces/vtab_pc.yaml --cluster cluster/aws.yaml   # ray up + submit as a Ray Job
+  vpt-tune search SPEC.yaml --address http://HEAD:8265 --storage /shared/vpt_results   # existing cluster
   vpt-tune resume vpt_results/demo-20261123-101500 --set search.trials_per_task=32   # more trials
   vpt-tune pareto vpt_results/demo-20261123-101500 --format json
   vpt-tune export vpt_results/demo-20261123-101500 --task digits --trial 1a2b3c4d best.pt
@@ -27,6 +29,12 @@ def _search(args: argparse.Namespace) -> None:
     from vpt_tune.spec import load_spec
 
     spec = load_spec(args.spec, args.set or [])  # before the heavy imports: spec errors come at once
+    address = _job_address(args)
+    if address:
+        from vpt_tune.cluster import submit_search
+
+        _follow(submit_search(spec, address, args.name, args.storage, args.mlflow_uri, bool(args.cluster)), args)
+        return
     from vpt_tune.search.runner import run_search
 
     started = time.monotonic()
@@ -34,10 +42,52 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _resume(args: argparse.Namespace) -> None:
+    address = _job_address(args)
+    if address:
+        from vpt_tune.cluster import submit_resume
+
+        _follow(submit_resume(address, args.experiment, args.set or []), args)
+        return
     from vpt_tune.search.runner import resume_search
 
     started = time.monotonic()
     _summary(resume_search(args.experiment, args.set or []), started)
+
+
+def _job_address(args: argparse.Namespace) -> str | None:
+    """The job-submission address to submit to (launching --cluster first), or None to drive the
+    search from this process (joining the cluster of a GCS --address)."""
+    from vpt_tune.cluster import is_job_address, join, launch
+
+    if args.cluster:
+        return launch(args.cluster)
+    if args.address and is_job_address(args.address):
+        return args.address
+    if args.address:
+        join(args.address)
+    return None
+
+
+def _follow(submission, args: argparse.Namespace) -> None:
+    """Print where a submitted search goes, then stream its log until it ends (unless --no-follow)."""
+    from vpt_tune.cluster import follow
+
+    address, job = submission.address, submission.job_id
+    print(f"submitted Ray Job {job} to {address}")
+    print(f"experiment: {submission.experiment}")
+    if submission.mlflow_uri:
+        print(f"MLflow:     {submission.mlflow_uri.replace('127.0.0.1', address.split('//')[1].split(':')[0])}")
+    print(f"follow:     ray job logs --follow {job} --address {address}")
+    print(f"resume:     vpt-tune resume {submission.experiment} --address {address}")
+    if args.cluster:
+        print(f"tear down:  ray down {args.cluster}")
+    if args.no_follow:
+        return
+    status = follow(address, job)
+    print(f"Ray Job {job}: {status}")
+    if status in ("FAILED", "STOPPED"):
+        raise UserError(f"the search job {job} {status.lower()}; its log above says why "
+                        f"(again: ray job logs {job} --address {address})")
 
 
 def _summary(result, started: float) -> None:
@@ -123,6 +173,19 @@ def _cost(args: argparse.Namespace) -> None:
     print(f"GFLOPs           {cost.gflops:.2f} per image (multiply-adds)")
 
 
+def _cluster_options(command: argparse.ArgumentParser) -> None:
+    where = command.add_argument_group("where it runs (default: a local Ray on this machine)")
+    choice = where.add_mutually_exclusive_group()
+    choice.add_argument("--cluster", metavar="YAML",
+                        help="bring up the Ray cluster of a cluster launcher YAML (e.g. cluster/aws.yaml) and "
+                        "submit the search to it as a Ray Job")
+    choice.add_argument("--address", metavar="ADDR",
+                        help="an existing Ray cluster: http://HEAD:8265 submits the search as a Ray Job (it "
+                        "survives this machine disconnecting); auto or HEAD:6379 drives it from this process")
+    where.add_argument("--no-follow", action="store_true",
+                       help="with a Ray Job: return after submitting instead of streaming its log")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vpt-tune``."""
     parser = argparse.ArgumentParser(
@@ -144,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--mlflow-uri", help="MLflow tracking URI (default: spec, else sqlite:///./mlflow.db)")
     search.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                         help="override a spec value, e.g. --set search.trials_per_task=16 (repeatable)")
+    _cluster_options(search)
     search.set_defaults(func=_search)
 
     resume = sub.add_parser(
@@ -155,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("experiment", help="experiment directory printed by `vpt-tune search`")
     resume.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                         help="search.trials_per_task=N (more trials) or search.max_concurrent_trials=K")
+    _cluster_options(resume)
     resume.set_defaults(func=_resume)
 
     pareto = sub.add_parser("pareto", help="print the Pareto fronts of a finished experiment")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
@@ -251,16 +252,17 @@ def builtin_spec(name: str) -> Path | None:
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
-    """Read, expand, override and validate a spec file (or a built-in spec name)."""
-    path = Path(path)
-    if not path.is_file() and (len(path.parts) == 1 or path.parts[0] == "search_spaces"):
+    """Read, expand, override and validate a spec file (a built-in spec name, or ``-``: standard input)."""
+    text = sys.stdin.read() if str(path) == "-" else None
+    path = Path("<stdin>" if text is not None else path)
+    if text is None and not path.is_file() and (len(path.parts) == 1 or path.parts[0] == "search_spaces"):
         path = builtin_spec(path.name) or path  # `demo` or `search_spaces/demo.yaml` from any directory
-    if not path.is_file():
+    if text is None and not path.is_file():
         folder = resources.files("vpt_tune") / "search_spaces"
         builtins = sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
         raise SpecError(f"{path}: spec file not found (built-in specs: {', '.join(builtins)})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text() if text is None else text)
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -20,6 +20,8 @@ from vpt_tune.train.job import Job, job_cost
 from vpt_tune.train.loop import DivergenceError
 from vpt_tune.train.worker import DIVERGED, train_worker
 
+DRIVER_RESOURCE = "vpt_driver"  # custom resource of the nodes that may run trial drivers (cluster/aws.yaml)
+
 
 def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
     """The training job of a trial config (sampled + fixed values) on one task."""
@@ -47,9 +49,15 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
     )
 
 
-def trial_resources() -> tune.PlacementGroupFactory:
-    """A trial bundle with no CPU and a token of memory: the Train workers hold the real resources."""
-    return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1 << 20}])
+def trial_resources(driver_resource: str | None = None) -> tune.PlacementGroupFactory:
+    """A trial bundle with no CPU and a token of memory: the Train workers hold the real resources.
+
+    On a cluster whose stable nodes (the head) carry ``driver_resource`` (see cluster/aws.yaml), the
+    bundle asks for a sliver of it, so trial drivers and their Train controllers never sit on a spot
+    worker that can vanish: a lost worker node then costs a worker-group restart, never the trial.
+    """
+    sliver = {driver_resource: 0.001} if driver_resource else {}
+    return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1 << 20, **sliver}])
 
 
 def run_trial(config: dict[str, Any], spec_json: str, task_dir: str, train_storage: str) -> None:

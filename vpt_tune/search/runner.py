@@ -34,7 +34,7 @@ from vpt_tune.cost import ViTShape
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
 from vpt_tune.data.tasks import decode_task_split, expand_tasks, find_task_dir, get_benchmark, task_classes
-from vpt_tune.search.driver import run_trial, trial_resources
+from vpt_tune.search.driver import DRIVER_RESOURCE, run_trial, trial_resources
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri, error_summary
@@ -149,6 +149,21 @@ def check_gpus(spec: Spec) -> None:
         )
 
 
+def start_ray() -> None:
+    """Join the cluster ``RAY_ADDRESS`` names (``--address``, or set by Ray in a Ray Job), else start a
+    local Ray of our own (never silently join some other cluster running on this machine)."""
+    address = os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"address": "local", "include_dashboard": False}
+    try:
+        ray.init(log_to_driver=False, configure_logging=False, **local)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+        raise SpecError(
+            f"--address {address}: cannot join the Ray cluster ({str(err).splitlines()[0]}); check the address "
+            "(HEAD:6379, or auto on the head) and, with token authentication, that the cluster's token is in "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN"
+        ) from None
+
+
 def concurrency(spec: Spec) -> int:
     """How many trials fit at once: by GPUs when trials use GPUs, else by CPUs."""
     res, total = spec.resources, ray.cluster_resources()
@@ -233,7 +248,11 @@ def results_table(task: str, grids: list[tune.ResultGrid], run_id: Callable[[str
 def experiment_dir_of(spec: Spec, name: str | None, storage: str | None) -> Path:
     """``<storage>/<name>``: the experiment directory a new search writes."""
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(storage or spec.storage).expanduser().resolve() / name
+    storage = storage or spec.storage
+    if "://" in storage:
+        raise SpecError(f"storage: {storage}: URIs are not supported yet; use a directory, on a cluster one shared "
+                        "by every node at the same path (NFS, EFS, FSx)")
+    return Path(storage).expanduser().resolve() / name
 
 
 def run_search(
@@ -288,7 +307,7 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console tables off: we print progress
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state at most 1 s old when killed
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_ray()
     parallel = concurrency(spec)
     resumed = "parent_run_id" in state
     if not resumed:
@@ -388,7 +407,7 @@ class TaskSearch:
                 task_dir=str(self.task_dir),
                 train_storage=str(self.experiment_dir / "train_runs"),
             ),
-            trial_resources(),
+            trial_resources(DRIVER_RESOURCE if DRIVER_RESOURCE in ray.cluster_resources() else None),
         )
 
     def _tuner(self, parallel: int, samples: int, done: int, index: int) -> tune.Tuner:

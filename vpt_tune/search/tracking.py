@@ -19,6 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray import tune
 
 from vpt_tune.search.pareto import front_figure, front_png
+from vpt_tune.train.worker import NODE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
 # What a trial run records from each Tune result (Tune adds its own bookkeeping keys, left out).
@@ -126,6 +127,7 @@ class TrialLogger(tune.Callback):
         self.task = task
         self.task_run_id = task_run_id
         self.run_ids: dict[str, str] = {}
+        self.nodes: dict[str, set[str]] = {}  # trial id -> Ray nodes its workers trained on
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self.run_ids:  # a restarted trial of a resumed search continues its run
@@ -145,6 +147,13 @@ class TrialLogger(tune.Callback):
         metrics = {k: result[k] for k in TRIAL_METRICS if k in result}
         metrics["wall_seconds"] = result.get("time_total_s")
         self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("epoch", 0)))
+        if trial.trial_id not in self.nodes:  # a resumed search keeps the nodes tagged before
+            tagged = self.tracker.client.get_run(self._run_id(trial)).data.tags.get("ray_nodes")
+            self.nodes[trial.trial_id] = set(tagged.split(",")) if tagged else set()
+        nodes = self.nodes[trial.trial_id]
+        if result.get(NODE) and result[NODE] not in nodes:  # a restarted worker group may move to another node
+            nodes.add(result[NODE])
+            self.tracker.set_tags(self._run_id(trial), {"ray_nodes": ",".join(sorted(nodes))})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.tracker.set_tags(self._run_id(trial), {"status": "finished"})

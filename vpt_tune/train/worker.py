@@ -23,6 +23,7 @@ from vpt_tune.train.job import CHECKPOINT_FILE, Job, run
 from vpt_tune.train.loop import DivergenceError
 
 DIVERGED = "diverged"  # metric carrying a DivergenceError's message to the trial
+NODE = "node_id"  # result key: the Ray node rank 0 trains on
 
 
 def load_checkpoint(checkpoint: ray.train.Checkpoint | None) -> dict | None:
@@ -45,6 +46,7 @@ def train_worker(config: dict[str, Any]) -> None:
     last: dict[str, Any] = resume["report"] if resume else {"epoch": -1, "metrics": {}, "train_seconds": 0.0}
     if resume:  # a restarted worker group or trial: epochs up to the checkpoint are not trained again
         constant_metrics = {**constant_metrics, "resumed_from": last["epoch"] + 1}
+    constant_metrics = {**constant_metrics, NODE: ray.get_runtime_context().get_node_id()}  # rank 0's reaches Tune
 
     def report(epoch: int, metrics: dict[str, float], state: dict | None) -> None:
         with tempfile.TemporaryDirectory() as tmp:

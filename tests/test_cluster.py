@@ -1,0 +1,200 @@
+"""A real two-node Ray cluster on loopback: a head (which alone may run trial drivers) and a second raylet.
+
+The search is submitted with ``--address http://HEAD:8265`` as a Ray Job, spreads its training over both
+nodes, survives the second node dying mid-trial, and a driver killed on this long-lived cluster gives
+its resources back. Token authentication is on, as on a real Ray 2.60 cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class TwoNodes:
+    gcs: str  # HOST:PORT of the head's GCS
+    jobs: str  # job-submission address
+    node2: subprocess.Popen  # `ray start --block` of the second raylet, in its own process group
+    client_env: dict[str, str]  # what a user's shell has: the token file, nothing else
+
+
+def _nodes(jobs: str) -> list:
+    from ray.util.state import list_nodes
+
+    return [n for n in list_nodes(address=jobs, raise_on_missing_output=False) if n.state == "ALIVE"]
+
+
+@pytest.fixture
+def two_nodes(tmp_path, monkeypatch):
+    """Head: 1 CPU + the ``vpt_driver`` resource; second raylet: 1 CPU + ``node2``. Torn down after the test."""
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    client_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    client_env.update(RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    cluster_env = {**client_env, "RAY_AUTH_MODE": "token"}
+    for key, value in (("RAY_AUTH_TOKEN_PATH", str(token)), ("RAY_AUTH_MODE", "token")):
+        monkeypatch.setenv(key, value)  # for this test's own state queries
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port, dashboard = _free_port(), _free_port()
+    start = dict(env=cluster_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen([
+        RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", '--resources={"vpt_driver": 100}',
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        "--disable-usage-stats",
+    ], **start)
+    jobs = f"http://127.0.0.1:{dashboard}"
+    node2 = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if len(_nodes(jobs)) == 1:
+                    break
+            except Exception:  # noqa: BLE001 - the dashboard is still starting
+                pass
+            time.sleep(1)
+        node2 = subprocess.Popen([
+            RAY, "start", "--block", f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"node2": 1}',
+            "--disable-usage-stats",
+        ], **start)
+        while len(_nodes(jobs)) < 2:
+            assert time.monotonic() < deadline, "the second raylet did not join"
+            time.sleep(1)
+        yield TwoNodes(f"127.0.0.1:{port}", jobs, node2, client_env)
+    finally:
+        for proc in (node2, head):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its node's processes
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _spec(tmp_path, trials: int, epochs: int) -> Path:
+    from test_search import small_spec
+
+    raw = small_spec(tmp_path)
+    raw["search"] = {"sampler": "random", "trials_per_task": trials, "seed": 11}
+    raw["train"] = {**raw["train"], "epochs": epochs, "max_failures": 3}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli(env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vpt_tune.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _trial_runs(db: Path) -> list:
+    """The trial runs in the MLflow store, once the search has created it (never race its migrations)."""
+    if not any(db.parent.glob("results/*/experiment.json")):
+        return []
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("test")
+    if experiment is None:
+        return []
+    return [r for r in client.search_runs([experiment.experiment_id], max_results=100) if "trial_id" in r.data.tags]
+
+
+def test_a_submitted_search_uses_both_nodes_and_survives_losing_one(tmp_path, two_nodes):
+    trials = 4
+    spec = _spec(tmp_path, trials, epochs=5)
+    proc = _cli(two_nodes.client_env, "search", str(spec), "--name", "two", "--address", two_nodes.jobs)
+    node2 = next(n.node_id for n in _nodes(two_nodes.jobs) if "node2" in n.resources_total)
+    db = tmp_path / "mlflow.db"
+
+    # Wait until a trial trains on the second node, then kill that node (its raylet and workers) mid-trial.
+    deadline = time.monotonic() + 400
+    victim = None
+    while victim is None:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-4000:]
+        victim = next((r.data.tags["trial_id"] for r in _trial_runs(db)
+                       if node2 in r.data.tags.get("ray_nodes", "") and "status" not in r.data.tags), None)
+        time.sleep(0.5)
+    os.killpg(two_nodes.node2.pid, signal.SIGKILL)
+    two_nodes.node2.wait()
+
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert "submitted Ray Job" in out and "SUCCEEDED" in out
+
+    # Every trial finished exactly once; the victim's workers were restarted on the head.
+    experiment = tmp_path / "results" / "two"
+    table = pd.read_parquet(experiment / "trials.parquet")
+    assert len(table) == trials and table["trial_id"].is_unique and (table["status"] == "finished").all()
+    assert (table["epoch"] == 5).all()
+    runs = _trial_runs(db)
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(table["trial_id"])
+    assert all(r.data.tags["status"] == "finished" and r.info.status == "FINISHED" for r in runs)
+    nodes = {node for r in runs for node in r.data.tags["ray_nodes"].split(",")}
+    assert len(nodes) == 2 and node2 in nodes  # the search trained on both nodes
+    victim_nodes = next(r.data.tags["ray_nodes"] for r in runs if r.data.tags["trial_id"] == victim).split(",")
+    assert len(victim_nodes) == 2, victim_nodes  # moved from the dead node to the head
+
+
+def test_a_driver_killed_on_a_long_lived_cluster_gives_its_resources_back(tmp_path, two_nodes):
+    from ray.util.state import list_placement_groups
+
+    spec = _spec(tmp_path, trials=2, epochs=30)
+    proc = _cli(two_nodes.client_env, "search", str(spec), "--name", "k", "--address", two_nodes.gcs)
+    db = tmp_path / "mlflow.db"
+    deadline = time.monotonic() + 300
+    while not any("ray_nodes" in r.data.tags for r in _trial_runs(db)):  # training has started
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-4000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and nothing else: the cluster lives on
+    proc.wait()
+
+    deadline = time.monotonic() + 60
+    while (held := [pg.placement_group_id for pg in list_placement_groups(address=two_nodes.jobs)
+                    if pg.state in ("CREATED", "PENDING", "RESCHEDULING")]):
+        assert time.monotonic() < deadline, f"placement groups still held after the driver died: {held}"
+        time.sleep(1)
+    # The CPUs are free again: a new search on the same cluster runs its trial to the end.
+    again = _cli(two_nodes.client_env, "search", str(_spec(tmp_path / "again", trials=1, epochs=1)),
+                 "--name", "again", "--address", two_nodes.gcs)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-4000:]
+
+
+def test_an_unreachable_cluster_is_a_clear_error(tmp_path):
+    spec = _spec(tmp_path, trials=1, epochs=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    port = _free_port()
+    for address, needle in ((f"http://127.0.0.1:{port}", "no Ray job server answers"),
+                            (f"127.0.0.1:{port}", "no Ray cluster answers there")):
+        proc = _cli(env, "search", str(spec), "--address", address)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and needle in out and "Traceback" not in out, out[-3000:]
+    assert not (tmp_path / "results").exists()  # nothing written
+
+
+@pytest.mark.parametrize("storage, needle", [("relative/results", "storage: 'relative/results' is relative")])
+def test_a_job_needs_paths_the_cluster_can_see(tmp_path, storage, needle):
+    spec = _spec(tmp_path, trials=1, epochs=1)
+    proc = _cli(dict(os.environ), "search", str(spec), "--storage", storage, "--address", "http://127.0.0.1:9")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and needle in out, out

@@ -1,0 +1,188 @@
+"""Where a search runs: this machine, an existing Ray cluster, or one the Ray cluster launcher brings up.
+
+- no address: a local Ray on this machine (or the cluster ``RAY_ADDRESS`` names);
+- ``--address auto`` or ``HOST:PORT`` (a cluster's GCS): this process is the search driver, joined to
+  that cluster; it must stay up for the whole search;
+- ``--address http://HOST:8265`` (a cluster's job-submission address): the search is submitted as a
+  Ray Job and runs on the cluster's head, so it survives this machine disconnecting; its log streams here;
+- ``--cluster YAML``: ``ray up`` through Ray's cluster launcher SDK, then submitted as a Ray Job to its head.
+
+Ray 2.60 clusters use token authentication by default: the token is read from ``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` (``ray get-auth-token`` on the head prints it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from vpt_tune.errors import UserError
+from vpt_tune.spec import Spec
+
+JOB_PORT = 8265
+MLFLOW_PORT = 5000  # the MLflow server cluster/aws.yaml starts on the head
+DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+
+
+class ClusterError(UserError):
+    """A cluster that cannot be reached, launched or used; the message says what to do."""
+
+
+def is_job_address(address: str) -> bool:
+    """Whether ``address`` is a job-submission (dashboard) address rather than a GCS address."""
+    return address.startswith(("http://", "https://"))
+
+
+def use_token_auth() -> None:
+    """Send this machine's Ray token when joining a cluster by address (Ray only does so when told).
+
+    Ray 2.60 reads the token only with ``RAY_AUTH_MODE=token``; a token that exists is sent, a cluster
+    without authentication ignores it.
+    """
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+        DEFAULT_TOKEN_FILE.expanduser().is_file()
+    if has_token and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def join(address: str) -> None:
+    """Make this process's search driver join the Ray cluster at ``address`` (``auto`` or ``HOST:PORT``)."""
+    if is_job_address(address):
+        raise ClusterError(f"--address {address}: a job-submission address is submitted to, not joined")
+    if address != "auto":  # Ray itself retries for minutes before giving up on a wrong address
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as err:
+            raise ClusterError(f"--address {address}: no Ray cluster answers there ({err}); give the head's "
+                               "HOST:PORT (6379 unless `ray start --port` said otherwise), or auto on the head") from None
+    os.environ["RAY_ADDRESS"] = address
+    use_token_auth()
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A search submitted as a Ray Job."""
+
+    address: str
+    job_id: str
+    experiment: str
+    mlflow_uri: str
+
+
+def launch(cluster_yaml: str | Path) -> str:
+    """Bring up (or update) the cluster of a Ray cluster launcher YAML; its job-submission address."""
+    path = Path(cluster_yaml).expanduser()
+    if not path.is_file():
+        raise ClusterError(f"--cluster {path}: file not found (see cluster/aws.yaml)")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ClusterError(f"--cluster {path}: not valid YAML: {err}") from None
+    if not isinstance(config, dict) or "provider" not in config:
+        raise ClusterError(f"--cluster {path}: not a Ray cluster launcher config (no `provider:`)")
+    from ray.autoscaler import sdk
+
+    print(f"bringing up the Ray cluster of {path} (ray up; minutes on first start)...", flush=True)
+    try:
+        sdk.create_or_update_cluster(str(path), no_restart=True)
+        head = sdk.get_head_node_ip(str(path))
+    except Exception as err:  # noqa: BLE001 - the launcher raises many kinds; the user needs the message
+        raise ClusterError(f"--cluster {path}: `ray up` failed: {err}; fix the config or your cloud "
+                           "credentials, or start the cluster yourself and pass --address") from None
+    return f"http://{head}:{JOB_PORT}"
+
+
+def submit_search(spec: Spec, address: str, name: str | None, storage: str | None, mlflow_uri: str | None,
+                  launched: bool = False) -> Submission:
+    """Submit a whole search as a Ray Job. Paths must mean the same on the cluster as here: storage and
+    data root absolute (or URIs), MLflow a server (default on a launched cluster: the head's) or an
+    absolute sqlite file, since a job's working directory is temporary."""
+    storage = storage or spec.storage
+    if not _shared(storage):
+        raise ClusterError(f"storage: {storage!r} is relative, and a Ray Job's working directory is temporary; "
+                           "give an absolute shared path or s3://bucket/prefix (--storage)")
+    if spec.data.root is not None and not _shared(spec.data.root):
+        raise ClusterError(f"data.root: {spec.data.root!r} is relative; give the datasets' absolute path "
+                           "on the cluster (or s3://...)")
+    head_mlflow = f"http://127.0.0.1:{MLFLOW_PORT}" if launched else None  # the job runs on the head
+    mlflow_uri = mlflow_uri or spec.tracking.mlflow_uri or head_mlflow
+    if mlflow_uri is None or (mlflow_uri.startswith("sqlite:") and not _shared(mlflow_uri.removeprefix("sqlite:///"))):
+        raise ClusterError("tracking.mlflow_uri: a search on a cluster needs an MLflow server (--mlflow-uri "
+                           "http://HEAD:5000) or an absolute sqlite:////path/mlflow.db on the head")
+    name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec_text = yaml.safe_dump(spec.model_dump(by_alias=True, exclude_none=True))
+    argv = ["search", "-", "--name", name, "--storage", storage, "--mlflow-uri", mlflow_uri]
+    job_id = submit(address, argv, name, spec_text)
+    return Submission(address, job_id, f"{storage.rstrip('/')}/{name}", mlflow_uri)
+
+
+def submit_resume(address: str, experiment: str, overrides: list[str]) -> Submission:
+    """Submit ``vpt-tune resume EXPERIMENT`` (a path on the cluster) as a Ray Job."""
+    if not _shared(experiment):
+        raise ClusterError(f"{experiment}: give the experiment's absolute path on the cluster")
+    argv = ["resume", experiment, *[arg for override in overrides for arg in ("--set", override)]]
+    job_id = submit(address, argv, "resume-" + Path(experiment).name)
+    return Submission(address, job_id, experiment, "")
+
+
+def _shared(path: str) -> bool:
+    """Whether ``path`` means the same on every machine: absolute, or a URI."""
+    return "://" in path or Path(path).expanduser().is_absolute()
+
+
+def submit(address: str, argv: list[str], name: str, stdin: str | None = None) -> str:
+    """Submit ``vpt-tune ARGV`` as a Ray Job (``stdin``: text piped to it, e.g. a spec for ``search -``); the job id.
+
+    The job runs ``python -m vpt_tune.cli`` with the cluster's Python, where vpt-tune must be installed. The
+    spec travels in the command line rather than in a ``working_dir``: a job's working directory would be
+    shipped to every trial's workers, and the search needs no files but the spec.
+    """
+    use_token_auth()  # before Ray is imported: it reads the mode once
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as err:  # noqa: BLE001 - connection, HTTP and authentication errors alike
+        raise ClusterError(
+            f"--address {address}: no Ray job server answers ({err}); is the cluster up and the dashboard port "
+            f"reachable (`ray dashboard CLUSTER.yaml` forwards it)? With token authentication, put the "
+            f"cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+        ) from None
+    command = shlex.join(["python", "-m", "vpt_tune.cli", *argv])
+    if stdin is not None:
+        command = f"printf %s {shlex.quote(stdin)} | {command}"
+    return client.submit_job(
+        entrypoint=command,
+        submission_id=f"vpt-tune-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+    )
+
+
+def follow(address: str, job_id: str) -> str:
+    """Stream the job's log here until it ends; its final status (Ctrl-C stops following, not the job)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the search goes on. Follow it again with "
+              f"`ray job logs --follow {job_id} --address {address}`, stop it with "
+              f"`ray job stop {job_id} --address {address}`")
+        return "RUNNING"
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        time.sleep(1)
+    return str(status.value)
