@@ -108,6 +108,9 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
         assert saved == ({"prompts/trainable.pt"} if row["pareto"] else set())  # prompts + head of Pareto trials
     task_artifacts = {a.path for a in client.list_artifacts(task_runs[0].info.run_id)}
     assert {"front_val_acc_vs_prompt_tokens.html", "front_val_acc_vs_gflops.png", "trials.parquet"} <= task_artifacts
+    history = [m.value for m in sorted(client.get_metric_history(task_runs[0].info.run_id, "hypervolume"),
+                                       key=lambda m: m.step)]
+    assert len(history) == 2 and history[0] > 0 and history[1] >= history[0]  # one point per finished trial
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "digits")}
     assert "digits/front_val_acc_vs_gflops.html" in parent_artifacts
     assert task_runs[0].info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())  # beside mlflow.db

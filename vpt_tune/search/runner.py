@@ -388,6 +388,7 @@ class TaskSearch:
             if row.pareto and row.mlflow_run_id and row.checkpoint:
                 self.tracker.client.log_artifacts(row.mlflow_run_id, row.checkpoint, "prompts")  # never the backbone
         self.tracker.log_fronts(table, self.task, [(self.task_run, None), (parent, self.task)])
+        self.tracker.log_hypervolume(self.task_run, table)
         self.tracker.end_run(self.task_run)
         table_file.parent.mkdir(exist_ok=True)
         table.to_parquet(table_file, index=False)

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray import tune
 
+from vpt_tune.search.hypervolume import hypervolume_history, reference_point
 from vpt_tune.search.pareto import front_figure, front_png
 from vpt_tune.train.worker import NODE
 
@@ -117,6 +118,16 @@ class Tracker:
             table.to_parquet(out / "trials.parquet", index=False)
             for run_id, artifact_path in destinations:
                 self.client.log_artifacts(run_id, tmp, artifact_path)
+
+    def log_hypervolume(self, run_id: str, table: pd.DataFrame) -> None:
+        """The hypervolume after each finished trial (in the order trials were created), as metric
+        ``hypervolume`` with the trial count as its step; the reference is the task's nadir + 10 %."""
+        finished = table[table["status"] == "finished"].reset_index(drop=True)
+        if finished.empty:
+            return
+        history = hypervolume_history(finished.rename_axis("order").reset_index(), reference_point(finished), "order")
+        now = int(pd.Timestamp.now().timestamp() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric("hypervolume", v, now, i) for i, v in enumerate(history, 1)])
 
 
 class TrialLogger(tune.Callback):
