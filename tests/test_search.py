@@ -148,6 +148,67 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
         run_search(spec, name="exp")
 
 
+def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
+    """Two VTAB-named tasks written by the test (digits under two folder names, one with its labels
+    permuted); Pareto configs are retrained on train800val200 per seed and tested once on test."""
+    import shutil
+
+    from vpt_tune.data.demo import materialise
+
+    source = materialise("digits", tmp_path / "source")
+    shutil.copytree(source, tmp_path / "vtab" / "svhn")  # natural group
+    shutil.copytree(source, tmp_path / "vtab" / "eurosat")  # specialized group, other labels: another task
+    for split in (tmp_path / "vtab" / "eurosat").glob("*.txt"):
+        lines = [line.rsplit(" ", 1) for line in split.read_text().splitlines()]
+        split.write_text("".join(f"{path} {(int(label) * 3 + 1) % 10}\n" for path, label in lines))
+    raw = small_spec(tmp_path, final={"seeds": [1, 2]})
+    raw["data"] = {"root": str(tmp_path / "vtab"), "tasks": ["svhn", "eurosat"]}
+    raw["train"]["epochs"] = 1
+    raw["space"]["placement"] = "shallow"
+    result = run_search(validate(raw), name="final")
+    table, experiment = result.table, result.experiment_dir
+
+    # Every Pareto trial was retrained once per seed on the final split and tested; others were not.
+    finals = pd.concat([pd.read_parquet(experiment / "tables" / f"{t}.final.parquet") for t in ("svhn", "eurosat")])
+    pareto = table[table["pareto"]]
+    assert sorted(zip(finals["source_trial"], finals["seed"])) == sorted(
+        (t, s) for t in pareto["trial_id"] for s in (1, 2))
+    assert (finals["status"] == "finished").all() and finals["test_acc"].between(0, 1).all()
+    assert pareto["test_acc"].notna().all() and (pareto["test_seeds"] == 2).all()
+    assert table[~table["pareto"]]["test_acc"].isna().all()
+    for row in pareto.itertuples():
+        mine = finals[finals["source_trial"] == row.trial_id]["test_acc"]
+        assert row.test_acc == pytest.approx(mine.mean()) and row.test_acc_std == pytest.approx(mine.std(ddof=0))
+    assert table["test_pareto"].sum() >= 2  # one test front per task
+
+    # MLflow: final runs under each task run, test fronts, the summary on the search run.
+    client = MlflowClient(result.mlflow_uri)
+    runs = _runs(client, "test")
+    final_runs = [r for r in runs if r.data.tags.get("final") == "true"]
+    assert sorted((r.data.tags["source_trial"], int(r.data.tags["seed"])) for r in final_runs) == sorted(
+        zip(finals["source_trial"], finals["seed"]))
+    assert all("test_acc" in r.data.metrics and "val_acc" not in r.data.metrics for r in final_runs)
+    task_runs = {r.data.tags["task"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id}
+    for task, run in task_runs.items():
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"front_test_acc_vs_gflops.html", "front_val_acc_vs_gflops.html", "final_runs.parquet"} <= names
+        assert all(r.data.tags["mlflow.parentRunId"] == run.info.run_id for r in final_runs if r.data.tags["task"] == task)
+    assert {"summary.md", "summary.parquet"} <= {a.path for a in client.list_artifacts(result.parent_run_id)}
+
+    # The CLI: test_acc for final points, and the summary with group means and the VTAB-1k mean.
+    capsys.readouterr()
+    assert main(["pareto", str(experiment), "--format", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert records and all(0 <= r["metrics"]["test_acc"] <= 1 for r in records)
+    assert main(["pareto", str(experiment), "--summary"]) == 0
+    summary = capsys.readouterr().out
+    for line in ("| svhn | test_acc |", "| eurosat | test_acc |", "| mean vtab-natural |",
+                 "| mean vtab-specialized |", "| mean vtab-1k (of group means) |"):
+        assert line in summary, summary
+    best = {t: 100 * table[(table["task"] == t)]["test_acc"].max() for t in ("svhn", "eurosat")}
+    assert f"| mean vtab-1k (of group means) |  | {(best['svhn'] + best['eurosat']) / 2:.1f} |" in summary
+
+
 def test_demo_search_on_real_backbone(tmp_path, local_ray):
     """The built-in demo spec, shortened: the real converted DINOv2 backbone learns the digits."""
     spec = load_spec(

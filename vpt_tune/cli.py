@@ -96,6 +96,10 @@ def _summary(result, started: float) -> None:
     print(f"\nfinished {len(finished)}/{len(table)} trials in {(time.monotonic() - started) / 60:.1f} min")
     if not finished.empty:
         print(_format_table(table[table["pareto"]]))
+    if "test_acc" in table:
+        from vpt_tune.search.summary import summary_markdown, summary_table
+
+        print(f"\n{summary_markdown(summary_table(table))}")
     print(f"\nexperiment: {result.experiment_dir}")
     print(f"fronts:     vpt-tune pareto {result.experiment_dir}")
     print(f"MLflow:     mlflow ui --backend-store-uri {result.mlflow_uri}   (search run {result.parent_run_id})")
@@ -116,16 +120,22 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _format_table(table) -> str:
-    columns = ["task", "trial_id", "status", "val_acc", "prompt_tokens", "gflops", "pareto", "config"]
+    tested = ["test_acc", "test_acc_std"] if "test_acc" in table else []
+    columns = ["task", "trial_id", "status", "val_acc", *tested, "prompt_tokens", "gflops", "pareto", "config"]
     return table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 def _pareto(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from vpt_tune.search.runner import METRIC_COLUMNS, load_table
+    from vpt_tune.search.runner import FINAL_COLUMNS, METRIC_COLUMNS, load_table
 
     table = load_table(args.experiment)
+    if args.summary:
+        from vpt_tune.search.summary import summary_markdown, summary_table
+
+        print(summary_markdown(summary_table(table)))
+        return
     if not args.all:
         table = table[table["pareto"]]
     if args.format == "table":
@@ -137,7 +147,7 @@ def _pareto(args: argparse.Namespace) -> None:
                 "trial_id": row["trial_id"],
                 "status": row["status"],
                 "config": json.loads(row["config"]),
-                "metrics": {k: row[k] for k in METRIC_COLUMNS if k in row and pd.notna(row[k])},
+                "metrics": {k: row[k] for k in (*METRIC_COLUMNS, *FINAL_COLUMNS) if k in row and pd.notna(row[k])},
                 "pareto": bool(row["pareto"]),
             }
             for row in table.to_dict("records")
@@ -225,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     pareto = sub.add_parser("pareto", help="print the Pareto fronts of a finished experiment")
     pareto.add_argument("experiment", help="experiment directory printed by `vpt-tune search`")
     pareto.add_argument("--all", action="store_true", help="all trials, not only Pareto-optimal ones")
+    pareto.add_argument("--summary", action="store_true",
+                        help="per task, group and benchmark: the most accurate point and the cheapest within 1 "
+                        "point of it (test accuracy where the final protocol ran, else validation)")
     pareto.add_argument("--format", choices=["table", "json", "csv", "parquet"], default="table")
     pareto.add_argument("--output", "-o", help="file to write (required for parquet)")
     pareto.set_defaults(func=_pareto)

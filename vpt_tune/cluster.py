@@ -103,15 +103,15 @@ def launch(cluster_yaml: str | Path) -> str:
 def submit_search(spec: Spec, address: str, name: str | None, storage: str | None, mlflow_uri: str | None,
                   launched: bool = False) -> Submission:
     """Submit a whole search as a Ray Job. Paths must mean the same on the cluster as here: storage and
-    data root absolute (or URIs), MLflow a server (default on a launched cluster: the head's) or an
+    data root absolute, MLflow a server (default on a launched cluster: the head's) or an
     absolute sqlite file, since a job's working directory is temporary."""
     storage = storage or spec.storage
     if not _shared(storage):
         raise ClusterError(f"storage: {storage!r} is relative, and a Ray Job's working directory is temporary; "
-                           "give an absolute shared path or s3://bucket/prefix (--storage)")
+                           "give an absolute path that every node shares (NFS, EFS: --storage /mnt/vpt/vpt_results)")
     if spec.data.root is not None and not _shared(spec.data.root):
         raise ClusterError(f"data.root: {spec.data.root!r} is relative; give the datasets' absolute path "
-                           "on the cluster (or s3://...)")
+                           "on the cluster's nodes")
     head_mlflow = f"http://127.0.0.1:{MLFLOW_PORT}" if launched else None  # the job runs on the head
     mlflow_uri = mlflow_uri or spec.tracking.mlflow_uri or head_mlflow
     if mlflow_uri is None or (mlflow_uri.startswith("sqlite:") and not _shared(mlflow_uri.removeprefix("sqlite:///"))):

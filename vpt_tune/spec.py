@@ -203,6 +203,14 @@ class ResourcesSpec(_Strict):
     gpus_per_worker: float = Field(0.0, ge=0)
 
 
+class FinalSpec(_Strict):
+    """The papers' protocol after the search: each task's Pareto-optimal configs are retrained on the
+    benchmark's final training split (VTAB-1k: train800val200; FGVC: train) once per seed and tested
+    once. ``seeds: []`` (the default) skips it."""
+
+    seeds: list[int] = Field(default_factory=list)
+
+
 class TrackingSpec(_Strict):
     """Where MLflow runs go (``mlflow_uri`` null: ``sqlite:///mlflow.db`` in the working directory)."""
 
@@ -223,6 +231,7 @@ class Spec(_Strict):
     train: TrainSpec = TrainSpec()
     search: SearchSpec = SearchSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    final: FinalSpec = FinalSpec()
     tracking: TrackingSpec = TrackingSpec()
     storage: str = "vpt_results"
 

@@ -20,11 +20,21 @@ from vpt_tune.train.job import Job, job_cost
 from vpt_tune.train.loop import DivergenceError
 from vpt_tune.train.worker import DIVERGED, train_worker
 
+FINAL = "final"  # config key of a final retrain (see make_job)
 DRIVER_RESOURCE = "vpt_driver"  # custom resource of the nodes that may run trial drivers (cluster/aws.yaml)
 
 
 def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
-    """The training job of a trial config (sampled + fixed values) on one task."""
+    """The training job of a trial config (sampled + fixed values) on one task.
+
+    A final retrain's config is ``{FINAL: {**the Pareto trial's config, "seed": s, "source_trial": id}}``:
+    it trains on the benchmark's final split with seed ``s`` and evaluates on test (reported as val_acc,
+    the accuracy on the job's evaluation split).
+    """
+    final = config.get(FINAL)
+    config = final or config
+    benchmark = get_benchmark(spec.data.benchmark)
+    train_split, eval_split = benchmark.final_splits if final else benchmark.search_splits
     params = {k: config[k] for k in Space.model_fields if config.get(k) is not None}
     return Job(
         model=spec.backbone.model,
@@ -32,14 +42,14 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
         img_size=spec.backbone.img_size,
         task_dir=task_dir,
         benchmark=spec.data.benchmark,
-        train_split=get_benchmark(spec.data.benchmark).search_splits[0],
-        eval_split=get_benchmark(spec.data.benchmark).search_splits[1],
+        train_split=train_split,
+        eval_split=eval_split,
         params=params,
         epochs=spec.train.epochs,
         batch_size=spec.train.batch_size,
         warmup_epochs=spec.train.warmup_epochs,
         optimizer=spec.train.optimizer,
-        seed=spec.train.seed,
+        seed=final["seed"] if final else spec.train.seed,
         prefix_cache=spec.train.prefix_cache,
         condense_epochs=spec.train.condense_epochs,
         condense_per_block=spec.train.condense_per_block,

@@ -27,39 +27,39 @@ def pareto_mask(table: pd.DataFrame, objectives: dict[str, str] = OBJECTIVES) ->
     return ~dominated
 
 
-def front_figure(table: pd.DataFrame, cost: str, title: str):
-    """Interactive plotly scatter of val_acc vs ``cost``; the 2-D front is drawn, dominated points faded.
+def front_figure(table: pd.DataFrame, cost: str, title: str, accuracy: str = "val_acc"):
+    """Interactive plotly scatter of ``accuracy`` vs ``cost``; the 2-D front is drawn, dominated points faded.
 
     Hovering a point shows its trial id and config.
     """
     import plotly.graph_objects as go
 
-    front2d = pareto_mask(table, {"val_acc": "max", cost: "min"})
+    front2d = pareto_mask(table, {accuracy: "max", cost: "min"})
     fig = go.Figure()
     for on_front, name, opacity in ((False, "dominated", 0.3), (True, "Pareto front", 1.0)):
         part = table[front2d == on_front].sort_values(cost)
         hover = [f"trial {t}<br>{json.dumps(json.loads(c))}" for t, c in zip(part["trial_id"], part["config"])]
         fig.add_trace(go.Scatter(
-            x=part[cost], y=part["val_acc"], name=name, text=hover, hoverinfo="text+x+y", opacity=opacity,
+            x=part[cost], y=part[accuracy], name=name, text=hover, hoverinfo="text+x+y", opacity=opacity,
             mode="lines+markers" if on_front else "markers", line={"shape": "hv"},
         ))
-    fig.update_layout(title=title, xaxis_title=cost, yaxis_title="val_acc", template="plotly_white")
+    fig.update_layout(title=title, xaxis_title=cost, yaxis_title=accuracy, template="plotly_white")
     return fig
 
 
-def front_png(table: pd.DataFrame, cost: str, title: str, path: Path) -> None:
+def front_png(table: pd.DataFrame, cost: str, title: str, path: Path, accuracy: str = "val_acc") -> None:
     """Static PNG of the same front (matplotlib: plotly's PNG export needs a browser)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    front2d = pareto_mask(table, {"val_acc": "max", cost: "min"})
+    front2d = pareto_mask(table, {accuracy: "max", cost: "min"})
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.scatter(table[cost][~front2d], table["val_acc"][~front2d], color="grey", alpha=0.4, label="dominated")
+    ax.scatter(table[cost][~front2d], table[accuracy][~front2d], color="grey", alpha=0.4, label="dominated")
     front = table[front2d].sort_values(cost)
-    ax.step(front[cost], front["val_acc"], where="post", marker="o", color="tab:red", label="Pareto front")
-    ax.set(xlabel=cost, ylabel="val_acc", title=title)
+    ax.step(front[cost], front[accuracy], where="post", marker="o", color="tab:red", label="Pareto front")
+    ax.set(xlabel=cost, ylabel=accuracy, title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -34,9 +34,10 @@ from vpt_tune.cost import ViTShape
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
 from vpt_tune.data.tasks import decode_task_split, expand_tasks, find_task_dir, get_benchmark, task_classes
-from vpt_tune.search.driver import DRIVER_RESOURCE, run_trial, trial_resources
+from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, run_trial, trial_resources
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.space import DefineByRun, make_sampler
+from vpt_tune.search.summary import summary_markdown, summary_table
 from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri, error_summary
 from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError, load_spec
 from vpt_tune.train.job import resolve_weights
@@ -47,6 +48,8 @@ METRIC_COLUMNS = (
 )
 TABLE_FILE = "trials.parquet"
 STATE_FILE = "experiment.json"  # MLflow URI and run ids, so `vpt-tune resume` continues the same runs
+TEST_OBJECTIVES = {"test_acc": "max", **{k: v for k, v in OBJECTIVES.items() if k != "val_acc"}}
+FINAL_COLUMNS = ("test_acc", "test_acc_std", "test_seeds")  # the final protocol's, on Pareto trials
 RESUME_OVERRIDES = ("search.trials_per_task", "search.max_concurrent_trials")
 
 
@@ -190,9 +193,9 @@ class ProgressPrinter(tune.Callback):
     so a restored experiment keeps counting right.
     """
 
-    def __init__(self, task: str, total: int, earlier: int = 0):
+    def __init__(self, task: str, total: int, earlier: int = 0, accuracy: str = "val_acc"):
         # Prints directly: Tune pickles its callbacks with the experiment state, so no function attributes.
-        self.task, self.total, self.earlier = task, total, earlier
+        self.task, self.total, self.earlier, self.accuracy = task, total, earlier, accuracy
         self.started = time.monotonic()
         self.new = 0  # trials finished since this process started (for the ETA)
 
@@ -213,7 +216,7 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result
-        outcome = f"val_acc {r['val_acc']:.3f}, {r['prompt_tokens']:.1f} tokens, {r['gflops']:.2f} GFLOPs"
+        outcome = f"{self.accuracy} {r['val_acc']:.3f}, {r['prompt_tokens']:.1f} tokens, {r['gflops']:.2f} GFLOPs"
         self._line(trials, trial, outcome)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -242,6 +245,37 @@ def results_table(task: str, grids: list[tune.ResultGrid], run_id: Callable[[str
     finished = table["status"] == "finished"
     table["pareto"] = False
     table.loc[finished, "pareto"] = pareto_mask(table[finished])
+    return table
+
+
+def final_table(task: str, grids: list[tune.ResultGrid], run_id: Callable[[str], str | None]) -> pd.DataFrame:
+    """One row per final retrain: the Pareto trial it repeats, its seed, its test accuracy and cost."""
+    rows = []
+    for result in (r for grid in grids for r in grid):
+        metrics, final = result.metrics or {}, result.config[FINAL]
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        rows.append({
+            "task": task, "source_trial": final["source_trial"], "seed": final["seed"], "trial_id": trial_id,
+            "status": "failed" if result.error else "finished",
+            "test_acc": metrics.get("val_acc"),  # a final retrain evaluates on test
+            **{k: metrics.get(k) for k in ("prompt_tokens", "gflops", "train_seconds")},
+            "mlflow_run_id": run_id(trial_id) or "",
+        })
+    return pd.DataFrame(rows, columns=["task", "source_trial", "seed", "trial_id", "status", "test_acc",
+                                       "prompt_tokens", "gflops", "train_seconds", "mlflow_run_id"])
+
+
+def with_test_results(table: pd.DataFrame, finals: pd.DataFrame) -> pd.DataFrame:
+    """The trial table with each Pareto trial's test accuracy (mean and std over seeds) and the test front."""
+    tested = finals[finals["status"] == "finished"].groupby("source_trial")["test_acc"]
+    table = table.assign(
+        test_acc=table["trial_id"].map(tested.mean()),
+        test_acc_std=table["trial_id"].map(tested.std(ddof=0)),
+        test_seeds=table["trial_id"].map(tested.count()).fillna(0).astype(int),
+        test_pareto=False,
+    )
+    scored = table["test_acc"].notna()
+    table.loc[scored, "test_pareto"] = pareto_mask(table[scored], TEST_OBJECTIVES)
     return table
 
 
@@ -344,6 +378,10 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
         raise
     table = pd.concat(tables, ignore_index=True)
     table.to_parquet(experiment_dir / TABLE_FILE, index=False)
+    summary = summary_table(table)
+    if not summary.empty:
+        tracker.log_table(parent, summary, "summary.parquet")
+        tracker.client.log_text(parent, summary_markdown(summary), "summary.md")
     tracker.end_run(parent)
     return SearchResult(experiment_dir, table, uri, parent)
 
@@ -378,27 +416,76 @@ class TaskSearch:
             if done < budget:
                 grids.append(self._tuner(parallel, budget - done, done, len(grids)).fit())
             self._fail_orphans()
-            table = results_table(self.task, grids, lambda t: self.tracker.child_run(self.task_run, "trial_id", t))
+            table = results_table(self.task, grids, self._run_of)
+            finals = self._final(table, parallel) if self.spec.final.seeds else None
         except BaseException:
             self.tracker.end_run(self.task_run, "FAILED")
             raise
+        if finals is not None:
+            table = with_test_results(table, finals)
         for row in table.itertuples():
             if row.mlflow_run_id:
                 self.tracker.set_tags(row.mlflow_run_id, {"pareto": str(bool(row.pareto)).lower()})
             if row.pareto and row.mlflow_run_id and row.checkpoint:
                 self.tracker.client.log_artifacts(row.mlflow_run_id, row.checkpoint, "prompts")  # never the backbone
+        table_file.parent.mkdir(exist_ok=True)
         self.tracker.log_fronts(table, self.task, [(self.task_run, None), (parent, self.task)])
         self.tracker.log_hypervolume(self.task_run, table)
+        if finals is not None:
+            destinations = [(self.task_run, None), (parent, self.task)]
+            self.tracker.log_fronts(table, self.task, destinations, accuracy="test_acc", table_name=None)
+            self.tracker.log_table(self.task_run, finals, "final_runs.parquet")
+            finals.to_parquet(self.experiment_dir / "tables" / f"{self.task}.final.parquet", index=False)
         self.tracker.end_run(self.task_run)
-        table_file.parent.mkdir(exist_ok=True)
-        table.to_parquet(table_file, index=False)
+        table.to_parquet(table_file, index=False)  # last: the task counts as finished once this exists
         return table
 
-    def _experiments(self) -> list[Path]:
-        """The task's Tune experiments so far: ``<task>``, ``<task>.more1``, ... (restorable ones)."""
-        names = [self.task] + [f"{self.task}.more{i}" for i in range(1, 100)]
+    def _experiments(self, final: bool = False) -> list[Path]:
+        """The task's Tune experiments so far (restorable ones): the search's ``<task>``, ``<task>.more1``,
+        ...; with ``final``, the final retrains' ``<task>.final1``, ..."""
+        names = [f"{self.task}.final{i}" for i in range(1, 100)] if final else \
+            [self.task] + [f"{self.task}.more{i}" for i in range(1, 100)]
         paths = [self.experiment_dir / n for n in names if (self.experiment_dir / n).is_dir()]
         return [p for p in paths if tune.Tuner.can_restore(str(p))]
+
+    def _run_of(self, trial_id: str) -> str | None:
+        return self.tracker.child_run(self.task_run, "trial_id", trial_id)
+
+    def _final(self, table: pd.DataFrame, parallel: int) -> pd.DataFrame:
+        """Retrain every Pareto-optimal config once per final seed on the final split, test once.
+
+        Retrains of an interrupted search are restored; Pareto trials new since (an extended search) get
+        a further experiment; each (trial, seed) runs once.
+        """
+        grids = []
+        for path in self._experiments(final=True):
+            print(f"[{self.task}] restoring {path.name}")
+            grids.append(tune.Tuner.restore(str(path), self._trainable(), resume_unfinished=True,
+                                            resume_errored=False).fit())
+        done = {(r.config[FINAL]["source_trial"], r.config[FINAL]["seed"]) for grid in grids for r in grid}
+        pareto = table[table["pareto"]]
+        todo = [{**json.loads(config), "source_trial": trial, "seed": seed}
+                for trial, config in zip(pareto["trial_id"], pareto["config"]) for seed in self.spec.final.seeds
+                if (trial, seed) not in done]
+        if todo:
+            print(f"[{self.task}] final protocol: {len(todo)} retrain(s) of the Pareto configs on "
+                  f"{get_benchmark(self.spec.data.benchmark).final_splits[0]}, tested on test")
+            grids.append(self._final_tuner(todo, parallel, len(grids) + 1).fit())
+        return final_table(self.task, grids, self._run_of)
+
+    def _final_tuner(self, finals: list[dict], parallel: int, index: int) -> tune.Tuner:
+        return tune.Tuner(
+            self._trainable(),
+            param_space={FINAL: tune.grid_search(finals)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
+            run_config=tune.RunConfig(
+                name=f"{self.task}.final{index}",
+                storage_path=str(self.experiment_dir),
+                verbose=0,
+                callbacks=[TrialLogger(self.tracker, self.task, self.task_run, final=True),
+                           ProgressPrinter(f"{self.task} final", len(finals), accuracy="test_acc")],
+            ),
+        )
 
     def _trainable(self):
         return tune.with_resources(

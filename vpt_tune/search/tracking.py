@@ -20,6 +20,7 @@ from ray import tune
 
 from vpt_tune.search.hypervolume import hypervolume_history, reference_point
 from vpt_tune.search.pareto import front_figure, front_png
+from vpt_tune.search.driver import FINAL
 from vpt_tune.train.worker import NODE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
@@ -103,21 +104,29 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def log_fronts(self, table: pd.DataFrame, title: str, destinations: list[tuple[str, str | None]]) -> None:
-        """Render the val_acc-vs-cost fronts (self-contained HTML + PNG) and the trial table (parquet)
+    def log_fronts(self, table: pd.DataFrame, title: str, destinations: list[tuple[str, str | None]],
+                   accuracy: str = "val_acc", table_name: str | None = "trials") -> None:
+        """Render the ``accuracy``-vs-cost fronts (self-contained HTML + PNG) and the table (parquet)
         once, and log them to every ``(run_id, artifact_path)`` of ``destinations``."""
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            finished = table[table["status"] == "finished"]
+            finished = table[(table["status"] == "finished") & table[accuracy].notna()]
             for cost in FRONT_COSTS:
-                name = f"front_val_acc_vs_{cost}"
-                front_figure(finished, cost, f"{title}: val_acc vs {cost}").write_html(
+                name = f"front_{accuracy}_vs_{cost}"
+                front_figure(finished, cost, f"{title}: {accuracy} vs {cost}", accuracy).write_html(
                     out / f"{name}.html", include_plotlyjs=True  # viewable offline
                 )
-                front_png(finished, cost, f"{title}: val_acc vs {cost}", out / f"{name}.png")
-            table.to_parquet(out / "trials.parquet", index=False)
+                front_png(finished, cost, f"{title}: {accuracy} vs {cost}", out / f"{name}.png", accuracy)
+            if table_name:
+                table.to_parquet(out / f"{table_name}.parquet", index=False)
             for run_id, artifact_path in destinations:
                 self.client.log_artifacts(run_id, tmp, artifact_path)
+
+    def log_table(self, run_id: str, table: pd.DataFrame, name: str) -> None:
+        """``table`` as the parquet artifact ``name`` of the run."""
+        with tempfile.TemporaryDirectory() as tmp:
+            table.to_parquet(Path(tmp) / name, index=False)
+            self.client.log_artifact(run_id, str(Path(tmp) / name))
 
     def log_hypervolume(self, run_id: str, table: pd.DataFrame) -> None:
         """The hypervolume after each finished trial (in the order trials were created), as metric
@@ -133,10 +142,11 @@ class Tracker:
 class TrialLogger(tune.Callback):
     """Tune callback: one MLflow run per trial under the task run, per-epoch metrics, final status."""
 
-    def __init__(self, tracker: Tracker, task: str, task_run_id: str):
+    def __init__(self, tracker: Tracker, task: str, task_run_id: str, final: bool = False):
         self.tracker = tracker
         self.task = task
         self.task_run_id = task_run_id
+        self.final = final  # final retrains: tagged, their evaluation (on test) logged as test_acc
         self.run_ids: dict[str, str] = {}
         self.nodes: dict[str, set[str]] = {}  # trial id -> Ray nodes its workers trained on
 
@@ -144,10 +154,15 @@ class TrialLogger(tune.Callback):
         if trial.trial_id not in self.run_ids:  # a restarted trial of a resumed search continues its run
             run_id = self.tracker.child_run(self.task_run_id, "trial_id", trial.trial_id)
             if run_id is None:
-                run_id = self.tracker.start_run(
-                    f"{self.task}-{trial.trial_id}", self.task_run_id, {"task": self.task, "trial_id": trial.trial_id}
-                )
-                self.tracker.log_params(run_id, trial.config)
+                config, tags = trial.config, {"task": self.task, "trial_id": trial.trial_id}
+                if self.final:
+                    config = {k: v for k, v in trial.config[FINAL].items() if k not in ("seed", "source_trial")}
+                    tags.update(final="true", source_trial=trial.config[FINAL]["source_trial"],
+                                seed=str(trial.config[FINAL]["seed"]))
+                name = f"{self.task}-final-{tags['source_trial']}-seed{tags['seed']}" if self.final else \
+                    f"{self.task}-{trial.trial_id}"
+                run_id = self.tracker.start_run(name, self.task_run_id, tags)
+                self.tracker.log_params(run_id, config)
             self.run_ids[trial.trial_id] = run_id
         return self.run_ids[trial.trial_id]
 
@@ -157,6 +172,8 @@ class TrialLogger(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: result[k] for k in TRIAL_METRICS if k in result}
         metrics["wall_seconds"] = result.get("time_total_s")
+        if self.final and "val_acc" in metrics:  # a final retrain evaluates on test
+            metrics["test_acc"] = metrics.pop("val_acc")
         self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("epoch", 0)))
         if trial.trial_id not in self.nodes:  # a resumed search keeps the nodes tagged before
             tagged = self.tracker.client.get_run(self._run_id(trial)).data.tags.get("ray_nodes")
