@@ -1,0 +1,184 @@
+"""cluster/aws.yaml against Ray's own cluster-config schema, and the KubeRay RayJob example (offline)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+DRIVER = "vpt_driver"
+SHARED = "/mnt/vpt"  # the shared file system, at this path on every node
+
+
+def _aws() -> dict:
+    return yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+
+
+def _check(config: dict) -> dict:
+    """What `ray up` does before touching AWS: fill in defaults, then validate (raises if invalid)."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def _workers(config: dict) -> dict:
+    return {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
+
+
+def test_aws_config_passes_ray_validation():
+    prepared = _check(_aws())
+    assert prepared["provider"]["type"] == "aws"
+
+
+def _misspelled_key(c):
+    c["head_start_ray_comands"] = c.pop("head_start_ray_commands")
+
+
+def _no_node_config(c):
+    del c["available_node_types"]["gpu"]["node_config"]
+
+
+def _unknown_head(c):
+    c["head_node_type"] = "cpu_head"
+
+
+def _fractional_resource(c):
+    c["available_node_types"]["head"]["resources"][DRIVER] = 0.5
+
+
+@pytest.mark.parametrize(
+    "break_it, error",
+    [
+        (_misspelled_key, jsonschema.ValidationError),
+        (_no_node_config, jsonschema.ValidationError),
+        (_fractional_resource, jsonschema.ValidationError),
+        (_unknown_head, ValueError),
+    ],
+)
+def test_broken_aws_config_fails_validation(break_it, error):
+    config = _aws()
+    break_it(config)
+    with pytest.raises(error):
+        _check(config)
+
+
+def test_head_carries_the_driver_resource_and_keeps_its_cpus():
+    config = _aws()
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"][DRIVER] >= 1
+    assert head["resources"].get("CPU", 1) > 0  # CPUs detected from the instance type, left to the drivers
+    assert head.get("min_workers", 0) == 0 and "InstanceMarketOptions" not in head["node_config"]
+
+
+def test_gpu_workers_have_gpus_and_no_driver_resource():
+    config = _aws()
+    workers = _workers(config)
+    assert workers
+    for node_type in workers.values():
+        assert node_type["resources"]["GPU"] >= 1
+        assert DRIVER not in node_type["resources"]
+        assert node_type["min_workers"] == 0 and node_type["max_workers"] >= 1
+
+
+def test_token_auth_and_services():
+    config = _aws()
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token ray start --head" in head_start and "--dashboard-host=0.0.0.0" in head_start
+    assert "mlflow server --host 0.0.0.0 --port 5000" in head_start
+    worker_start = " ".join(config["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token ray start --address=$RAY_HEAD_IP:6379" in worker_start
+
+
+def _commands_run_on(prepared: dict, node_type: str) -> list[str]:
+    """The commands `ray up` (head) or the autoscaler (workers) runs on a node of ``node_type`` before
+    Ray starts: initialization commands, then setup commands (already merged by prepare_config), each
+    replaced by the node type's own list where it has one."""
+    own = prepared["available_node_types"][node_type]
+    if node_type == prepared["head_node_type"]:
+        return prepared["initialization_commands"] + prepared["head_setup_commands"]
+    return own.get("initialization_commands", prepared["initialization_commands"]) + own.get(
+        "worker_setup_commands", prepared["worker_setup_commands"])
+
+
+def test_every_node_mounts_the_shared_file_system():
+    prepared = _check(_aws())
+    for node_type in prepared["available_node_types"]:
+        commands = _commands_run_on(prepared, node_type)
+        mounts = [c for c in commands if re.search(rf"mount -t nfs4 .*:/ {SHARED}(\s|\)|$)", c)]
+        assert mounts, f"{node_type}: no command mounts the shared file system at {SHARED}"
+        assert all(c.startswith(f"mountpoint -q {SHARED} ||") for c in mounts)  # skipped when mounted
+
+
+def test_state_lives_on_the_shared_file_system():
+    config = _aws()
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert f"--backend-store-uri sqlite:///{SHARED}/" in head_start
+    assert f"--artifacts-destination {SHARED}/" in head_start
+    text = (CLUSTER / "aws.yaml").read_text()
+    assert re.search(rf"storage: {SHARED}/vpt_results\b", text)
+    assert not re.search(r"storage:\s*s3://", text)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_aws_commands_are_valid_bash():
+    config = _aws()
+    keys = [k for k in config if k.endswith("_commands")]
+    for key in keys:
+        for command in config[key]:
+            result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+            assert result.returncode == 0, f"{key}: {command}\n{result.stderr}"
+
+
+def test_readme_uses_shared_storage_not_uris():
+    readme = (CLUSTER / "README.md").read_text()
+    storages = re.findall(r"--storage\s+(\S+)", readme)
+    assert storages and all(s.startswith(f"{SHARED}/") for s in storages), storages
+    assert not re.search(r"--storage\s+\S*://", readme)
+    resumes = re.findall(r"vpt-tune resume\s+(\S+)", readme)
+    assert resumes and all(r.startswith(f"{SHARED}/") or r == "..." for r in resumes), resumes
+    assert "Experiment storage on object stores (s3://) is not supported yet: use a shared file system." in readme
+
+
+def test_driver_resource_name_matches_the_code():
+    from vpt_tune.search.driver import DRIVER_RESOURCE
+
+    assert DRIVER_RESOURCE == DRIVER
+
+
+def test_kuberay_rayjob():
+    job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("vpt-tune search /specs/") and spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    head_resources = json.loads(json.loads(cluster["headGroupSpec"]["rayStartParams"]["resources"]))
+    assert head_resources[DRIVER] >= 1
+    for group in cluster["workerGroupSpecs"]:
+        assert DRIVER not in group["rayStartParams"].get("resources", "")
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+
+
+def test_kuberay_storage_is_one_shared_volume_on_every_pod():
+    job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    (storage,) = re.findall(r"--storage\s+(\S+)", job["spec"]["entrypoint"])
+    assert storage.startswith(f"{SHARED}/")
+    cluster = job["spec"]["rayClusterSpec"]
+    claims = set()
+    for pod in [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]:
+        (container,) = pod["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == SHARED]
+        assert not mount.get("readOnly")
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        claims.add(volume["persistentVolumeClaim"]["claimName"])
+    assert len(claims) == 1  # the same claim everywhere (ReadWriteMany)
