@@ -77,6 +77,27 @@ def test_a_job_resumed_from_every_epoch_ends_exactly_like_an_uninterrupted_one(d
             k: v for k, v in metrics.items() if k not in timing}, epoch
 
 
+def test_jobs_differing_only_in_condensation_share_their_trained_model(digits):
+    """The state after the training epochs is the base another condensation ratio starts from: the
+    result equals training that job from scratch."""
+    def job(ratio: float, **params) -> Job:
+        return Job(model="vit_tiny_patch16_224", weights="random", img_size=32, task_dir=digits, epochs=1,
+                   batch_size=200, condense_epochs=1, condense_per_block=ratio > 0.6,
+                   params={"num_prompts": 4, "placement": "deep", "base_lr": 0.5, "condensation_ratio": ratio, **params})
+
+    first, second = job(0.5), job(0.75)
+    assert first.base_key() == second.base_key() == job(0.0).base_key()
+    assert first.base_key() != job(0.5, base_lr=0.4).base_key() and first.base_key() != job(0.5, num_prompts=3).base_key()
+    bases = {}
+    run(first, CPU, on_epoch=lambda epoch, m, checkpoint: bases.update({epoch + 1: checkpoint()}))
+    scratch, scratch_metrics = run(second, CPU)
+    reused, reused_metrics = run(second, CPU, resume=bases[second.base_epochs])
+    assert reused.prompts.counts == scratch.prompts.counts and sum(scratch.prompts.counts) < 4 * 12
+    for name, tensor in scratch.trainable_state().items():
+        assert torch.equal(tensor, reused.trainable_state()[name]), name
+    assert reused_metrics["val_acc"] == scratch_metrics["val_acc"]
+
+
 # ---------------------------------------------------------------- killed drivers and workers (real Ray)
 
 

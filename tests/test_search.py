@@ -229,6 +229,25 @@ def test_demo_search_on_real_backbone(tmp_path, local_ray):
     assert table["val_acc"].max() > 0.5
 
 
+def test_trials_differing_only_in_condensation_reuse_one_trained_model(tmp_path, local_ray):
+    """The second trial starts from the first's trained, uncondensed model instead of training again."""
+    raw = small_spec(tmp_path, train={"epochs": 1, "batch_size": 64, "warmup_epochs": 0, "condense_epochs": 1})
+    raw["space"] = {"num_prompts": 4, "placement": "deep", "base_lr": 0.3,
+                    "condensation_ratio": {"choice": [0.25, 0.75]}}
+    raw["search"] = {"sampler": "grid", "trials_per_task": 2, "seed": 0, "max_concurrent_trials": 1}
+    table = run_search(validate(raw), name="reuse").table
+    assert (table["status"] == "finished").all() and table["config"].nunique() == 2
+    first, second = table.iloc[0], table.iloc[1]
+    assert first["reused_base_from"] == "" and second["reused_base_from"].endswith(first["trial_id"])
+    assert second["val_acc_uncondensed"] == first["val_acc_uncondensed"]  # the same trained model, condensed otherwise
+    assert second["prompt_tokens"] != first["prompt_tokens"]  # condensed to another ratio
+    assert len(list((tmp_path / "results" / "reuse" / "base_models").glob("*.pt"))) == 1
+    client = MlflowClient(raw["tracking"]["mlflow_uri"])
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.data.tags["reused_base_from"] == second["reused_base_from"]  # the MLflow run says what it reused
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [2]  # condensation only
+
+
 def test_diverging_trials_fail_and_the_search_goes_on(tmp_path, local_ray):
     """A NaN loss stops its trial with the reason recorded; Optuna is told; no failed trial is on a front."""
     raw = small_spec(tmp_path, train={"epochs": 1, "batch_size": 64})

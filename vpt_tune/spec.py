@@ -175,6 +175,7 @@ class TrainSpec(_Strict):
     condense_epochs: int = Field(1, ge=0)
     condense_per_block: bool = False
     prune_epochs: int | None = Field(None, gt=0)  # E²VPT retraining after pruning; null: epochs
+    reuse_base: bool = True  # trials differing only in condensation settings share one trained model
     checkpoint_every: int = Field(1, gt=0)  # epochs between trial checkpoints (a restart continues from the last)
     max_failures: int = Field(2, ge=0)  # restarts of a trial's workers after a crash or a lost node
 

@@ -70,7 +70,7 @@ def trial_resources(driver_resource: str | None = None) -> tune.PlacementGroupFa
     return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1 << 20, **sliver}])
 
 
-def run_trial(config: dict[str, Any], spec_json: str, task_dir: str, train_storage: str) -> None:
+def run_trial(config: dict[str, Any], spec_json: str, task_dir: str, train_storage: str, base_store: str) -> None:
     """Tune function trainable: one trial = one TorchTrainer run named after the trial.
 
     A restarted trial (a resumed search) builds the same Train run name, so Ray Train continues it
@@ -91,6 +91,7 @@ def run_trial(config: dict[str, Any], spec_json: str, task_dir: str, train_stora
             "report": job_cost(job).as_dict(),
             "threads": res.cpus_per_worker,
             "checkpoint_every": spec.train.checkpoint_every,
+            "base_store": base_store if spec.train.reuse_base else None,
         },
         scaling_config=ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=use_gpu, resources_per_worker=per_worker

@@ -41,6 +41,7 @@ from vpt_tune.search.summary import summary_markdown, summary_table
 from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri, error_summary
 from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError, load_spec
 from vpt_tune.train.job import resolve_weights
+from vpt_tune.train.worker import REUSED_BASE
 
 METRIC_COLUMNS = (
     "val_acc", "val_acc_uncondensed", "val_acc_unpruned", "prompt_tokens", "kv_tokens", "gflops", "trainable_params",
@@ -240,6 +241,7 @@ def results_table(task: str, grids: list[tune.ResultGrid], run_id: Callable[[str
             "wall_seconds": metrics.get("time_total_s"),  # trial start to its last report
             "mlflow_run_id": run_id(trial_id) or "",
             "checkpoint": metrics.get("checkpoint_path") or "",  # the trained prompts + head
+            "reused_base_from": metrics.get(REUSED_BASE) or "",
         })
     table = pd.DataFrame(rows)
     finished = table["status"] == "finished"
@@ -494,6 +496,7 @@ class TaskSearch:
                 spec_json=self.spec.model_dump_json(by_alias=True),
                 task_dir=str(self.task_dir),
                 train_storage=str(self.experiment_dir / "train_runs"),
+                base_store=str(self.experiment_dir / "base_models"),
             ),
             trial_resources(DRIVER_RESOURCE if DRIVER_RESOURCE in ray.cluster_resources() else None),
         )

@@ -21,7 +21,7 @@ from ray import tune
 from vpt_tune.search.hypervolume import hypervolume_history, reference_point
 from vpt_tune.search.pareto import front_figure, front_png
 from vpt_tune.search.driver import FINAL
-from vpt_tune.train.worker import NODE
+from vpt_tune.train.worker import NODE, REUSED_BASE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
 # What a trial run records from each Tune result (Tune adds its own bookkeeping keys, left out).
@@ -149,6 +149,7 @@ class TrialLogger(tune.Callback):
         self.final = final  # final retrains: tagged, their evaluation (on test) logged as test_acc
         self.run_ids: dict[str, str] = {}
         self.nodes: dict[str, set[str]] = {}  # trial id -> Ray nodes its workers trained on
+        self.reused: set[str] = set()  # trials tagged with the base model they reused
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self.run_ids:  # a restarted trial of a resumed search continues its run
@@ -175,6 +176,9 @@ class TrialLogger(tune.Callback):
         if self.final and "val_acc" in metrics:  # a final retrain evaluates on test
             metrics["test_acc"] = metrics.pop("val_acc")
         self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("epoch", 0)))
+        if result.get(REUSED_BASE) and trial.trial_id not in self.reused:  # the trained model it started from
+            self.reused.add(trial.trial_id)
+            self.tracker.set_tags(self._run_id(trial), {REUSED_BASE: result[REUSED_BASE]})
         if trial.trial_id not in self.nodes:  # a resumed search keeps the nodes tagged before
             tagged = self.tracker.client.get_run(self._run_id(trial)).data.tags.get("ray_nodes")
             self.nodes[trial.trial_id] = set(tagged.split(",")) if tagged else set()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,20 @@ class Job:
     def total_epochs(self) -> int:
         """Training epochs plus the pruning retraining and condensation fine-tuning epochs, if any."""
         return self.epochs + self.retrain_epochs + (self.condense_epochs if self.condensation_ratio > 0 else 0)
+
+    @property
+    def base_epochs(self) -> int:
+        """Epochs before condensation: the state after them does not depend on the condensation ratio."""
+        return self.epochs + self.retrain_epochs
+
+    def base_key(self) -> str:
+        """Identifies the state after :attr:`base_epochs`: a hash of everything but the condensation settings,
+        so jobs that differ only in those can start from one trained (and pruned) model."""
+        fields = asdict(self)
+        fields["params"] = {k: v for k, v in self.params.items() if k != "condensation_ratio"}
+        for name in ("condense_epochs", "condense_per_block"):
+            fields.pop(name)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def counts(self, num_blocks: int) -> list[int]:
         """Fresh prompts per block for this job's placement."""

@@ -6,10 +6,15 @@ the end) rank 0 writes a checkpoint: the prompts, masks, KV prompts and head (ne
 plus the optimiser, schedule, phase and random state, so a restarted worker group (a killed worker,
 a lost node) or a restarted trial continues from its last checkpoint instead of epoch 0. Ray Train
 registers a checkpoint only once it is fully written and keeps the newest few.
+
+With a ``base_store``, the state after the epochs before condensation is kept there under the job's
+:meth:`~vpt_tune.train.job.Job.base_key`; a later trial that differs only in its condensation settings
+(or repeats a config) starts from it instead of training again, and reports which trial it reused.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +29,7 @@ from vpt_tune.train.loop import DivergenceError
 
 DIVERGED = "diverged"  # metric carrying a DivergenceError's message to the trial
 NODE = "node_id"  # result key: the Ray node rank 0 trains on
+REUSED_BASE = "reused_base_from"  # result key: the trial whose trained, uncondensed model this one started from
 
 
 def load_checkpoint(checkpoint: ray.train.Checkpoint | None) -> dict | None:
@@ -32,6 +38,15 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint | None) -> dict | None:
         return None
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
+
+
+def save_base(path: Path, state: dict) -> None:
+    """Write a trained-before-condensation state for other trials to start from (atomically: a reader
+    never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -43,9 +58,13 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     resume = load_checkpoint(ray.train.get_checkpoint())
-    last: dict[str, Any] = resume["report"] if resume else {"epoch": -1, "metrics": {}, "train_seconds": 0.0}
     if resume:  # a restarted worker group or trial: epochs up to the checkpoint are not trained again
-        constant_metrics = {**constant_metrics, "resumed_from": last["epoch"] + 1}
+        constant_metrics = {**constant_metrics, "resumed_from": resume["report"]["epoch"] + 1}
+    base_file = Path(config["base_store"], f"{job.base_key()}.pt") if config.get("base_store") else None
+    if resume is None and base_file is not None and base_file.is_file():  # trained before, maybe condensed otherwise
+        resume = torch.load(base_file, weights_only=True)
+        constant_metrics = {**constant_metrics, REUSED_BASE: resume["source"]}
+    last: dict[str, Any] = resume["report"] if resume else {"epoch": -1, "metrics": {}, "train_seconds": 0.0}
     constant_metrics = {**constant_metrics, NODE: ray.get_runtime_context().get_node_id()}  # rank 0's reaches Tune
 
     def report(epoch: int, metrics: dict[str, float], state: dict | None) -> None:
@@ -58,6 +77,9 @@ def train_worker(config: dict[str, Any]) -> None:
     def on_epoch(epoch: int, metrics: dict[str, float], checkpoint) -> None:
         last["train_seconds"] += metrics["epoch_seconds"]  # training + evaluation time, no overheads
         last.update(epoch=epoch, metrics={**metrics, "train_seconds": last["train_seconds"]})
+        if base_file is not None and rank == 0 and epoch + 1 == job.base_epochs and not base_file.exists():
+            source = context.get_experiment_name()  # the trial's Train run, named after the trial
+            save_base(base_file, {**checkpoint(), "report": dict(last), "job": asdict(job), "source": source})
         if epoch + 1 < job.total_epochs:  # the last epoch is reported with the final metrics below
             report(epoch, last["metrics"], checkpoint() if (epoch + 1) % every == 0 else None)
 
