@@ -7,6 +7,7 @@ its resources back. Token authentication is on, as on a real Ray 2.60 cluster.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +41,18 @@ class TwoNodes:
     client_env: dict[str, str]  # what a user's shell has: the token file, nothing else
 
 
-def _nodes(jobs: str) -> list:
-    from ray.util.state import list_nodes
+def _state(jobs: str, resource: str) -> list[dict]:
+    """Ray's state API over HTTP with the cluster's token (this process's own Ray may have read another
+    auth mode already, so the header is sent by hand)."""
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{jobs}/api/v0/{resource}?limit=1000",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)["data"]["result"]["result"]
 
-    return [n for n in list_nodes(address=jobs, raise_on_missing_output=False) if n.state == "ALIVE"]
+
+def _nodes(jobs: str) -> list[dict]:
+    return [n for n in _state(jobs, "nodes") if n["state"] == "ALIVE"]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +69,7 @@ def _start_two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     client_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     client_env.update(RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     cluster_env = {**client_env, "RAY_AUTH_MODE": "token"}
-    for key, value in (("RAY_AUTH_TOKEN_PATH", str(token)), ("RAY_AUTH_MODE", "token")):
-        monkeypatch.setenv(key, value)  # for this test's own state queries
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))  # for this module's own state queries
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     port, dashboard = _free_port(), _free_port()
     start = dict(env=cluster_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,10 +135,8 @@ def _trial_runs(db: Path) -> list:
 
 
 def _held_placement_groups(jobs: str) -> list[str]:
-    from ray.util.state import list_placement_groups
-
-    return [pg.placement_group_id for pg in list_placement_groups(address=jobs)
-            if pg.state in ("CREATED", "PENDING", "RESCHEDULING")]
+    return [pg["placement_group_id"] for pg in _state(jobs, "placement_groups")
+            if pg["state"] in ("CREATED", "PENDING", "RESCHEDULING")]
 
 
 def test_a_driver_killed_on_a_long_lived_cluster_gives_its_resources_back(tmp_path, two_nodes):
@@ -154,7 +161,7 @@ def test_a_submitted_search_uses_both_nodes_and_survives_losing_one(tmp_path, tw
     trials = 3
     spec = _spec(tmp_path, trials, epochs=4)
     proc = _cli(two_nodes.client_env, "search", str(spec), "--name", "two", "--address", two_nodes.jobs)
-    node2 = next(n.node_id for n in _nodes(two_nodes.jobs) if "node2" in n.resources_total)
+    node2 = next(n["node_id"] for n in _nodes(two_nodes.jobs) if "node2" in n["resources_total"])
     db = tmp_path / "mlflow.db"
 
     # Wait until a trial trains on the second node, then kill that node (its raylet and workers) mid-trial.

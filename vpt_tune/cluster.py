@@ -40,16 +40,31 @@ def is_job_address(address: str) -> bool:
     return address.startswith(("http://", "https://"))
 
 
+def auth_token() -> str | None:
+    """This machine's Ray token, where Ray looks for it: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``,
+    ``~/.ray/auth_token``."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or DEFAULT_TOKEN_FILE).expanduser()
+    return path.read_text().strip() if path.is_file() else None
+
+
 def use_token_auth() -> None:
     """Send this machine's Ray token when joining a cluster by address (Ray only does so when told).
 
-    Ray 2.60 reads the token only with ``RAY_AUTH_MODE=token``; a token that exists is sent, a cluster
-    without authentication ignores it.
+    Ray 2.60 reads the token only with ``RAY_AUTH_MODE=token``, once, when it is first used: call this
+    before Ray connects. A cluster without authentication ignores the token.
     """
-    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
-        DEFAULT_TOKEN_FILE.expanduser().is_file()
-    if has_token and "RAY_AUTH_MODE" not in os.environ:
+    if auth_token() and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _job_client(address: str):
+    """A job-submission client that sends the token itself (whatever mode this process's Ray has read)."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = auth_token()
+    return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)
 
 
 def join(address: str) -> None:
@@ -145,11 +160,8 @@ def submit(address: str, argv: list[str], name: str, stdin: str | None = None) -
     spec travels in the command line rather than in a ``working_dir``: a job's working directory would be
     shipped to every trial's workers, and the search needs no files but the spec.
     """
-    use_token_auth()  # before Ray is imported: it reads the mode once
-    from ray.job_submission import JobSubmissionClient
-
     try:
-        client = JobSubmissionClient(address)
+        client = _job_client(address)
     except Exception as err:  # noqa: BLE001 - connection, HTTP and authentication errors alike
         raise ClusterError(
             f"--address {address}: no Ray job server answers ({err}); is the cluster up and the dashboard port "
@@ -168,9 +180,7 @@ def submit(address: str, argv: list[str], name: str, stdin: str | None = None) -
 
 def follow(address: str, job_id: str) -> str:
     """Stream the job's log here until it ends; its final status (Ctrl-C stops following, not the job)."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = _job_client(address)
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
