@@ -135,22 +135,15 @@ def _pids(needle: str) -> list[int]:
     return pids
 
 
-def _front(table) -> set:
-    finished = table[table["pareto"]]
-    return {(row.config, round(row.val_acc, 6), round(row.gflops, 6)) for row in finished.itertuples()}
-
-
-def test_driver_killed_at_random_moments_resumes_to_the_uninterrupted_result(tmp_path):
+def test_driver_killed_at_random_moments_resumes_to_the_uninterrupted_results(tmp_path):
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    trials = 4
-    (tmp_path / "ref").mkdir()
-    reference = _cli("search", _spec_file(tmp_path / "ref", trials, 2), "--name", "ref", cwd=tmp_path / "ref")
-    out, _ = reference.communicate(timeout=900)
-    assert reference.returncode == 0, out[-3000:]
-    expected = pd.read_parquet(tmp_path / "ref" / "results" / "ref" / "trials.parquet")
+    from vpt_tune.search.driver import make_job
+    from vpt_tune.search.runner import task_dirs
+    from vpt_tune.spec import load_spec
 
+    trials = 3
     work = tmp_path / "run"
     work.mkdir()
     spec = _spec_file(work, trials, 2)
@@ -186,7 +179,10 @@ def test_driver_killed_at_random_moments_resumes_to_the_uninterrupted_result(tmp
     assert sorted(r.data.tags["trial_id"] for r in trial_runs) == sorted(table["trial_id"])  # one run per trial
     assert all(r.data.tags.get("status") == "finished" for r in trial_runs)
     assert len([r for r in runs if "trial_id" not in r.data.tags]) == 2  # one search run, one task run
-    assert _front(table) == _front(expected)  # seeded random sampler + seeded training: the same front
+    spec = load_spec(experiment / "spec.yaml")
+    for row in table.itertuples():  # each trial, killed and resumed or not, ends as if never interrupted
+        _, metrics = run(make_job(spec, str(task_dirs(spec)["digits"]), json.loads(row.config)), CPU)
+        assert row.val_acc == pytest.approx(metrics["val_acc"], abs=1e-6), row.config
 
     # A finished search grows with more trials on the same study; the spec itself cannot change.
     refused = _cli("resume", str(experiment), "--set", "train.epochs=5", cwd=work)

@@ -162,6 +162,7 @@ def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
         lines = [line.rsplit(" ", 1) for line in split.read_text().splitlines()]
         split.write_text("".join(f"{path} {(int(label) * 3 + 1) % 10}\n" for path, label in lines))
     raw = small_spec(tmp_path, final={"seeds": [1, 2]})
+    raw["search"]["trials_per_task"] = 1  # on each front; what matters here is what follows the search
     raw["data"] = {"root": str(tmp_path / "vtab"), "tasks": ["svhn", "eurosat"]}
     raw["train"]["epochs"] = 1
     raw["space"]["placement"] = "shallow"
@@ -251,13 +252,13 @@ def test_trials_differing_only_in_condensation_reuse_one_trained_model(tmp_path,
 def test_diverging_trials_fail_and_the_search_goes_on(tmp_path, local_ray):
     """A NaN loss stops its trial with the reason recorded; Optuna is told; no failed trial is on a front."""
     raw = small_spec(tmp_path, train={"epochs": 1, "batch_size": 64})
-    raw["space"]["base_lr"] = {"choice": [0.1, 1e30]}
-    raw["search"] = {"sampler": "random", "trials_per_task": 4, "seed": 1}
+    raw["space"] = {"num_prompts": 2, "placement": "shallow", "base_lr": {"choice": [0.1, 1e30]}}
+    raw["search"] = {"sampler": "grid", "trials_per_task": 2, "seed": 1}
     spec = validate(raw)
     result = run_search(spec, name="nan")
     table = result.table
     lrs = [json.loads(c)["base_lr"] for c in table["config"]]
-    assert 1e30 in lrs and 0.1 in lrs  # both kinds were sampled
+    assert sorted(lrs) == [0.1, 1e30]  # the grid: each once
     for lr, status, error, pareto in zip(lrs, table["status"], table["error"], table["pareto"]):
         assert status == ("failed" if lr == 1e30 else "finished")
         assert ("DivergenceError" in error and "lower base_lr" in error) == (lr == 1e30)
