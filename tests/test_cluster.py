@@ -192,6 +192,12 @@ def test_a_submitted_search_uses_both_nodes_and_survives_losing_one(tmp_path, tw
     victim_nodes = next(r.data.tags["ray_nodes"] for r in runs if r.data.tags["trial_id"] == victim).split(",")
     assert len(victim_nodes) == 2, victim_nodes  # moved from the dead node to the head
 
+    # `resume --address` is submitted the same way; a finished search resumes to the same table.
+    resumed = _cli(two_nodes.client_env, "resume", str(experiment), "--address", two_nodes.jobs)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "(resumed)" in out and "SUCCEEDED" in out, out[-4000:]
+    assert pd.read_parquet(experiment / "trials.parquet")["trial_id"].tolist() == table["trial_id"].tolist()
+
 
 def test_an_unreachable_cluster_is_a_clear_error(tmp_path):
     spec = _spec(tmp_path, trials=1, epochs=1)

@@ -199,7 +199,7 @@ def test_driver_killed_at_random_moments_resumes_to_the_uninterrupted_results(tm
 def test_killed_train_worker_restarts_from_its_last_epoch(tmp_path):
     import pandas as pd
 
-    spec = _spec_file(tmp_path, trials=1, epochs=20)  # long enough that the kill lands mid-trial
+    spec = _spec_file(tmp_path, trials=1, epochs=10)  # long enough that the kill lands mid-trial
     proc = _cli("search", spec, "--name", "w", cwd=tmp_path)
     runs = tmp_path / "results" / "w" / "train_runs"
     deadline = time.monotonic() + 300
@@ -215,7 +215,7 @@ def test_killed_train_worker_restarts_from_its_last_epoch(tmp_path):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     table = pd.read_parquet(tmp_path / "results" / "w" / "trials.parquet")
-    assert (table["status"] == "finished").all() and table["epoch"].iloc[0] == 20
+    assert (table["status"] == "finished").all() and table["epoch"].iloc[0] == 10
     trial_dir = next((tmp_path / "results" / "w" / "digits").glob("*/result.json")).parent
     reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
     resumed = [r["resumed_from"] for r in reports if r.get("resumed_from")]
