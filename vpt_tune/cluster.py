@@ -168,13 +168,15 @@ def submit(address: str, argv: list[str], name: str, stdin: str | None = None) -
             f"reachable (`ray dashboard CLUSTER.yaml` forwards it)? With token authentication, put the "
             f"cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
         ) from None
+    from vpt_tune.search.driver import RAY_TRAIN_POLL
+
     command = shlex.join(["python", "-m", "vpt_tune.cli", *argv])
     if stdin is not None:
         command = f"printf %s {shlex.quote(stdin)} | {command}"
     return client.submit_job(
         entrypoint=command,
         submission_id=f"vpt-tune-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+        runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **RAY_TRAIN_POLL}},
     )
 
 

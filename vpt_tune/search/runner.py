@@ -34,7 +34,7 @@ from vpt_tune.cost import ViTShape
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
 from vpt_tune.data.tasks import decode_task_split, expand_tasks, find_task_dir, get_benchmark, task_classes
-from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, run_trial, trial_resources
+from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.search.summary import summary_markdown, summary_table
@@ -342,6 +342,7 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console tables off: we print progress
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state at most 1 s old when killed
+    os.environ.update(RAY_TRAIN_POLL)  # a local Ray's workers inherit it (a Ray Job gets it from its runtime env)
     if not ray.is_initialized():
         start_ray()
     parallel = concurrency(spec)
