@@ -7,6 +7,7 @@ import json
 import sys
 import time
 import traceback
+import urllib.parse
 
 from vpt_tune.errors import UserError
 
@@ -76,7 +77,8 @@ def _follow(submission, args: argparse.Namespace) -> None:
     print(f"submitted Ray Job {job} to {address}")
     print(f"experiment: {submission.experiment}")
     if submission.mlflow_uri:
-        print(f"MLflow:     {submission.mlflow_uri.replace('127.0.0.1', address.split('//')[1].split(':')[0])}")
+        head = urllib.parse.urlsplit(address).hostname  # the job's 127.0.0.1 is the head
+        print(f"MLflow:     {submission.mlflow_uri.replace('127.0.0.1', head)}")
     print(f"follow:     ray job logs --follow {job} --address {address}")
     print(f"resume:     vpt-tune resume {submission.experiment} --address {address}")
     if args.cluster:

@@ -76,8 +76,10 @@ def join(address: str) -> None:
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except (OSError, ValueError) as err:
-            raise ClusterError(f"--address {address}: no Ray cluster answers there ({err}); give the head's "
-                               "HOST:PORT (6379 unless `ray start --port` said otherwise), or auto on the head") from None
+            raise ClusterError(
+                f"--address {address}: no Ray cluster answers there ({err}); give the head's HOST:PORT "
+                "(6379 unless `ray start --port` said otherwise), or auto on the head"
+            ) from None
     os.environ["RAY_ADDRESS"] = address
     use_token_auth()
 

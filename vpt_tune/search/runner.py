@@ -409,12 +409,8 @@ class TaskSearch:
         if table_file.is_file() and len(pd.read_parquet(table_file)) >= budget:
             return pd.read_parquet(table_file)  # finished before the interruption
         self.tracker.reopen(self.task_run)
-        grids = []
         try:
-            for path in self._experiments():  # restored: finished trials kept, running ones continue
-                print(f"[{self.task}] restoring {path.name}")
-                tuner = tune.Tuner.restore(str(path), self._trainable(), resume_unfinished=True, resume_errored=False)
-                grids.append(tuner.fit())
+            grids = self._restore()  # finished trials kept, running ones continue
             done = sum(len(grid) for grid in grids)
             if done < budget:
                 grids.append(self._tuner(parallel, budget - done, done, len(grids)).fit())
@@ -432,10 +428,10 @@ class TaskSearch:
             if row.pareto and row.mlflow_run_id and row.checkpoint:
                 self.tracker.client.log_artifacts(row.mlflow_run_id, row.checkpoint, "prompts")  # never the backbone
         table_file.parent.mkdir(exist_ok=True)
-        self.tracker.log_fronts(table, self.task, [(self.task_run, None), (parent, self.task)])
+        destinations = [(self.task_run, None), (parent, self.task)]
+        self.tracker.log_fronts(table, self.task, destinations)
         self.tracker.log_hypervolume(self.task_run, table)
         if finals is not None:
-            destinations = [(self.task_run, None), (parent, self.task)]
             self.tracker.log_fronts(table, self.task, destinations, accuracy="test_acc", table_name=None)
             self.tracker.log_table(self.task_run, finals, "final_runs.parquet")
             finals.to_parquet(self.experiment_dir / "tables" / f"{self.task}.final.parquet", index=False)
@@ -443,13 +439,18 @@ class TaskSearch:
         table.to_parquet(table_file, index=False)  # last: the task counts as finished once this exists
         return table
 
-    def _experiments(self, final: bool = False) -> list[Path]:
-        """The task's Tune experiments so far (restorable ones): the search's ``<task>``, ``<task>.more1``,
+    def _restore(self, final: bool = False) -> list[tune.ResultGrid]:
+        """Restore and finish the task's Tune experiments so far: the search's ``<task>``, ``<task>.more1``,
         ...; with ``final``, the final retrains' ``<task>.final1``, ..."""
         names = [f"{self.task}.final{i}" for i in range(1, 100)] if final else \
             [self.task] + [f"{self.task}.more{i}" for i in range(1, 100)]
-        paths = [self.experiment_dir / n for n in names if (self.experiment_dir / n).is_dir()]
-        return [p for p in paths if tune.Tuner.can_restore(str(p))]
+        grids = []
+        for path in (self.experiment_dir / n for n in names):
+            if path.is_dir() and tune.Tuner.can_restore(str(path)):
+                print(f"[{self.task}] restoring {path.name}")
+                tuner = tune.Tuner.restore(str(path), self._trainable(), resume_unfinished=True, resume_errored=False)
+                grids.append(tuner.fit())
+        return grids
 
     def _run_of(self, trial_id: str) -> str | None:
         return self.tracker.child_run(self.task_run, "trial_id", trial_id)
@@ -460,11 +461,7 @@ class TaskSearch:
         Retrains of an interrupted search are restored; Pareto trials new since (an extended search) get
         a further experiment; each (trial, seed) runs once.
         """
-        grids = []
-        for path in self._experiments(final=True):
-            print(f"[{self.task}] restoring {path.name}")
-            grids.append(tune.Tuner.restore(str(path), self._trainable(), resume_unfinished=True,
-                                            resume_errored=False).fit())
+        grids = self._restore(final=True)
         done = {(r.config[FINAL]["source_trial"], r.config[FINAL]["seed"]) for grid in grids for r in grid}
         pareto = table[table["pareto"]]
         todo = [{**json.loads(config), "source_trial": trial, "seed": seed}

@@ -63,10 +63,10 @@ def train_worker(config: dict[str, Any]) -> None:
     base_file = Path(config["base_store"], f"{job.base_key()}.pt") if config.get("base_store") else None
     if resume is None and base_file is not None and base_file.is_file():  # trained before, maybe condensed otherwise
         resume = torch.load(base_file, weights_only=True)
+        report = resume["report"]  # train_seconds: this trial's own work, not the reused model's
+        report.update(train_seconds=0.0, metrics={**report["metrics"], "train_seconds": 0.0})
         constant_metrics = {**constant_metrics, REUSED_BASE: resume["source"]}
     last: dict[str, Any] = resume["report"] if resume else {"epoch": -1, "metrics": {}, "train_seconds": 0.0}
-    if REUSED_BASE in constant_metrics:  # train_seconds: this trial's own work, not the reused model's
-        last = {**last, "train_seconds": 0.0, "metrics": {**last["metrics"], "train_seconds": 0.0}}
     constant_metrics = {**constant_metrics, NODE: ray.get_runtime_context().get_node_id()}  # rank 0's reaches Tune
 
     def report(epoch: int, metrics: dict[str, float], state: dict | None) -> None:
