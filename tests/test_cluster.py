@@ -123,6 +123,21 @@ def _cli(env: dict, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _stop(proc: subprocess.Popen) -> str:
+    """Kill a CLI process group that overran or misbehaved and return what it printed (never block on it)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate(timeout=60)[0][-4000:]
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    """What a CLI process printed once it ends; one that overruns ``timeout`` is killed and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout:.0f} s:\n{_stop(proc)}")
+
+
 def _trial_runs(db: Path) -> list:
     """The trial runs in the MLflow store, once the search has created it (never race its migrations)."""
     if not any(db.parent.glob("results/*/experiment.json")):
@@ -145,7 +160,7 @@ def test_a_driver_killed_on_a_long_lived_cluster_gives_its_resources_back(tmp_pa
     db = tmp_path / "mlflow.db"
     deadline = time.monotonic() + 300
     while not any("ray_nodes" in r.data.tags for r in _trial_runs(db)):  # training has started
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline and proc.poll() is None, _stop(proc)
         time.sleep(0.5)
     assert _held_placement_groups(two_nodes.jobs), "the search holds no placement groups: nothing to test"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and nothing else: the cluster lives on
@@ -168,14 +183,14 @@ def test_a_submitted_search_uses_both_nodes_and_survives_losing_one(tmp_path, tw
     deadline = time.monotonic() + 400
     victim = None
     while victim is None:
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline and proc.poll() is None, _stop(proc)
         victim = next((r.data.tags["trial_id"] for r in _trial_runs(db)
                        if node2 in r.data.tags.get("ray_nodes", "") and "status" not in r.data.tags), None)
         time.sleep(0.5)
     os.killpg(two_nodes.node2.pid, signal.SIGKILL)
     two_nodes.node2.wait()
 
-    out, _ = proc.communicate(timeout=900)
+    out = _finish(proc, timeout=900)
     assert proc.returncode == 0, out[-4000:]
     assert "submitted Ray Job" in out and "SUCCEEDED" in out
 
@@ -194,7 +209,7 @@ def test_a_submitted_search_uses_both_nodes_and_survives_losing_one(tmp_path, tw
 
     # `resume --address` is submitted the same way; a finished search resumes to the same table.
     resumed = _cli(two_nodes.client_env, "resume", str(experiment), "--address", two_nodes.jobs)
-    out, _ = resumed.communicate(timeout=600)
+    out = _finish(resumed, timeout=600)
     assert resumed.returncode == 0 and "(resumed)" in out and "SUCCEEDED" in out, out[-4000:]
     assert pd.read_parquet(experiment / "trials.parquet")["trial_id"].tolist() == table["trial_id"].tolist()
 
