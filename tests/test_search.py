@@ -169,6 +169,13 @@ def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
     result = run_search(validate(raw), name="final")
     table, experiment = result.table, result.experiment_dir
 
+    # Both tasks' trials ran in one Tune experiment, each task on its own Optuna study.
+    assert sorted(p.name for p in experiment.iterdir() if (p / "tuner.pkl").is_file()) == ["final1", "search"]
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal")))
+    assert sorted(s.study_name for s in optuna.get_all_study_summaries(journal)) == ["eurosat", "svhn"]
+    assert sorted(table["task"]) == ["eurosat", "svhn"]
+
     # Every Pareto trial was retrained once per seed on the final split and tested; others were not.
     finals = pd.concat([pd.read_parquet(experiment / "tables" / f"{t}.final.parquet") for t in ("svhn", "eurosat")])
     pareto = table[table["pareto"]]

@@ -15,6 +15,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from vpt_tune.data.tasks import get_benchmark
+from vpt_tune.search.router import TASK
 from vpt_tune.spec import Space, Spec
 from vpt_tune.train.job import Job, job_cost
 from vpt_tune.train.loop import DivergenceError
@@ -25,6 +26,11 @@ FINAL = "final"  # config key of a final retrain (see make_job)
 # (bench/trial_overhead.py: search wall 121 s vs 142 s for 4 one-epoch trials on 2 cores).
 RAY_TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 DRIVER_RESOURCE = "vpt_driver"  # custom resource of the nodes that may run trial drivers (cluster/aws.yaml)
+
+
+def trial_task(config: dict[str, Any]) -> str:
+    """The task a trial config (a search trial's or a final retrain's) trains on."""
+    return (config.get(FINAL) or config)[TASK]
 
 
 def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
@@ -73,8 +79,11 @@ def trial_resources(driver_resource: str | None = None) -> tune.PlacementGroupFa
     return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1 << 20, **sliver}])
 
 
-def run_trial(config: dict[str, Any], spec_json: str, task_dir: str, train_storage: str, base_store: str) -> None:
-    """Tune function trainable: one trial = one TorchTrainer run named after the trial.
+def run_trial(
+    config: dict[str, Any], spec_json: str, task_dirs: dict[str, str], train_storage: str, base_store: str
+) -> None:
+    """Tune function trainable: one trial = one TorchTrainer run named after the trial, on the folder
+    ``task_dirs`` gives for the config's task.
 
     A restarted trial (a resumed search) builds the same Train run name, so Ray Train continues it
     from its latest checkpoint; a killed worker or lost node restarts the worker group from there, up
@@ -82,7 +91,7 @@ def run_trial(config: dict[str, Any], spec_json: str, task_dir: str, train_stora
     worker reports it and the trial fails with :class:`DivergenceError`.
     """
     spec = Spec.model_validate_json(spec_json)
-    job = make_job(spec, task_dir, config)
+    job = make_job(spec, task_dirs[trial_task(config)], config)
     res = spec.resources
     use_gpu = res.gpus_per_worker > 0
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}

@@ -1,14 +1,17 @@
-"""Runs a search: checks the spec's inputs, then per task a Ray Tune experiment driven by Optuna.
+"""Runs a search: checks the spec's inputs, then one Ray Tune experiment over every task, each task
+driven by its own Optuna study, then the final retrains.
 
 Layout of an experiment directory ``<storage>/<name>/``::
 
     spec.yaml            the validated spec as run
     experiment.json      the MLflow URI and run ids (search, tasks), for `vpt-tune resume`
     optuna.journal       every task's Optuna study (one study per task, named after it)
-    <task>/              the Tune experiment of that task (trial states, results); <task>.more1, ...
-                         hold the trials added by `vpt-tune resume --set search.trials_per_task=N`
+    search/              the Tune experiment of every task's trials (trial states, results); search.more1,
+                         ... hold the trials added by `vpt-tune resume --set search.trials_per_task=N`
+    final1/              the final retrains of the Pareto configs (with ``final.seeds``); final2, ...
     train_runs/          the Ray Train run of each trial (epoch checkpoints: prompts, head, optimiser)
-    tables/<task>.parquet  a finished task's trial table (a resumed search skips the task)
+    base_models/         trained models before condensation, reused by trials differing only there
+    tables/<task>.parquet  a finished task's trial table (<task>.final.parquet: its final retrains)
     trials.parquet       one row per trial of every task, with its metrics and `pareto` flag
 """
 
@@ -34,8 +37,9 @@ from vpt_tune.cost import ViTShape
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
 from vpt_tune.data.tasks import decode_task_split, expand_tasks, find_task_dir, get_benchmark, task_classes
-from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources
+from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources, trial_task
 from vpt_tune.search.pareto import pareto_mask
+from vpt_tune.search.router import TASK, TaskRouter
 from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.search.summary import summary_markdown, summary_table
 from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri, error_summary
@@ -188,30 +192,36 @@ def concurrency(spec: Spec) -> int:
 
 
 class ProgressPrinter(tune.Callback):
-    """Prints one line per finished trial: done/total, the trial's objectives, the front size, ETA.
+    """Prints one line per finished trial: the task's done/total, the trial's objectives, the task's
+    front size, and over all tasks done/total and the ETA.
 
-    Counts come from Tune's trial list (plus ``earlier``: trials of the task's previous experiments),
+    Counts come from Tune's trial list (plus ``earlier[task]``: trials of the previous experiments),
     so a restored experiment keeps counting right.
     """
 
-    def __init__(self, task: str, total: int, earlier: int = 0, accuracy: str = "val_acc"):
+    def __init__(self, totals: dict[str, int], earlier: dict[str, int], accuracy: str = "val_acc", label: str = ""):
         # Prints directly: Tune pickles its callbacks with the experiment state, so no function attributes.
-        self.task, self.total, self.earlier, self.accuracy = task, total, earlier, accuracy
+        self.totals, self.earlier, self.accuracy, self.label = totals, earlier, accuracy, label
         self.started = time.monotonic()
         self.new = 0  # trials finished since this process started (for the ETA)
 
     def _line(self, trials, trial, outcome: str) -> None:
         self.new += 1
+        task = trial_task(trial.config)
         ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is trial]  # this one ends now
-        done, elapsed = self.earlier + len(ended), time.monotonic() - self.started
-        eta = elapsed / self.new * max(0, self.total - done)
-        finished = [{k: t.last_result[k] for k in OBJECTIVES} for t in ended
+        mine = [t for t in ended if trial_task(t.config) == task]
+        finished = [{k: t.last_result[k] for k in OBJECTIVES} for t in mine
                     if (t.status == "TERMINATED" or (t is trial and outcome != "FAILED"))
                     and all(k in t.last_result for k in OBJECTIVES)]
         front = int(pareto_mask(pd.DataFrame(finished)).sum()) if finished else 0
+        done, total = sum(self.earlier.values()) + len(ended), sum(self.totals.values())
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.new * max(0, total - done)
+        overall = f"all tasks {done}/{total} | " if len(self.totals) > 1 else ""
         print(
-            f"[{self.task}] {done}/{self.total} trials | {trial.trial_id}: {outcome} | "
-            f"front: {front} pts | {elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left",
+            f"[{task}{self.label}] {self.earlier.get(task, 0) + len(mine)}/{self.totals[task]} trials | "
+            f"{trial.trial_id}: {outcome} | front: {front} pts | "
+            f"{overall}{elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left",
             flush=True,
         )
 
@@ -224,13 +234,18 @@ class ProgressPrinter(tune.Callback):
         self._line(trials, trial, "FAILED")
 
 
-def results_table(task: str, grids: list[tune.ResultGrid], run_id: Callable[[str], str | None]) -> pd.DataFrame:
-    """One row per trial of ``grids``: ids, status, config (JSON), metrics, MLflow run id, pareto flag."""
+RunOf = Callable[[str, str], "str | None"]  # (task, trial id) -> the trial's MLflow run id
+
+
+def results_table(grids: list[tune.ResultGrid], run_of: RunOf) -> pd.DataFrame:
+    """One row per search trial of ``grids``: task, ids, status, config (JSON), metrics, MLflow run id;
+    the ``pareto`` flag marks each task's front."""
     rows = []
     for result in (r for grid in grids for r in grid):
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         config = dict(result.config or {})
+        task = config.pop(TASK)
         rows.append({
             "task": task,
             "trial_id": trial_id,
@@ -239,36 +254,38 @@ def results_table(task: str, grids: list[tune.ResultGrid], run_id: Callable[[str
             "config": json.dumps(config, sort_keys=True),
             **{k: metrics.get(k) for k in METRIC_COLUMNS},
             "wall_seconds": metrics.get("time_total_s"),  # trial start to its last report
-            "mlflow_run_id": run_id(trial_id) or "",
+            "mlflow_run_id": run_of(task, trial_id) or "",
             "checkpoint": metrics.get("checkpoint_path") or "",  # the trained prompts + head
             "reused_base_from": metrics.get(REUSED_BASE) or "",
         })
     table = pd.DataFrame(rows)
-    finished = table["status"] == "finished"
     table["pareto"] = False
-    table.loc[finished, "pareto"] = pareto_mask(table[finished])
+    for _, rows_of_task in table.groupby("task", sort=False):
+        finished = rows_of_task[rows_of_task["status"] == "finished"]
+        table.loc[finished.index, "pareto"] = pareto_mask(finished)
     return table
 
 
-def final_table(task: str, grids: list[tune.ResultGrid], run_id: Callable[[str], str | None]) -> pd.DataFrame:
+def final_table(grids: list[tune.ResultGrid], run_of: RunOf) -> pd.DataFrame:
     """One row per final retrain: the Pareto trial it repeats, its seed, its test accuracy and cost."""
     rows = []
     for result in (r for grid in grids for r in grid):
         metrics, final = result.metrics or {}, result.config[FINAL]
         trial_id = metrics.get("trial_id") or Path(result.path).name
         rows.append({
-            "task": task, "source_trial": final["source_trial"], "seed": final["seed"], "trial_id": trial_id,
+            "task": final[TASK], "source_trial": final["source_trial"], "seed": final["seed"], "trial_id": trial_id,
             "status": "failed" if result.error else "finished",
             "test_acc": metrics.get("val_acc"),  # a final retrain evaluates on test
             **{k: metrics.get(k) for k in ("prompt_tokens", "gflops", "train_seconds")},
-            "mlflow_run_id": run_id(trial_id) or "",
+            "mlflow_run_id": run_of(final[TASK], trial_id) or "",
         })
     return pd.DataFrame(rows, columns=["task", "source_trial", "seed", "trial_id", "status", "test_acc",
                                        "prompt_tokens", "gflops", "train_seconds", "mlflow_run_id"])
 
 
 def with_test_results(table: pd.DataFrame, finals: pd.DataFrame) -> pd.DataFrame:
-    """The trial table with each Pareto trial's test accuracy (mean and std over seeds) and the test front."""
+    """The trial table with each Pareto trial's test accuracy (mean and std over seeds) and each task's
+    test front."""
     tested = finals[finals["status"] == "finished"].groupby("source_trial")["test_acc"]
     table = table.assign(
         test_acc=table["trial_id"].map(tested.mean()),
@@ -276,8 +293,8 @@ def with_test_results(table: pd.DataFrame, finals: pd.DataFrame) -> pd.DataFrame
         test_seeds=table["trial_id"].map(tested.count()).fillna(0).astype(int),
         test_pareto=False,
     )
-    scored = table["test_acc"].notna()
-    table.loc[scored, "test_pareto"] = pareto_mask(table[scored], TEST_OBJECTIVES)
+    for _, rows_of_task in table[table["test_acc"].notna()].groupby("task", sort=False):
+        table.loc[rows_of_task.index, "test_pareto"] = pareto_mask(rows_of_task, TEST_OBJECTIVES)
     return table
 
 
@@ -365,21 +382,15 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
         state = {**state, "parent_run_id": parent, "task_runs": {}}
         _save_state(experiment_dir, state)
     tracker.set_tags(parent, {"trials_per_task": spec.search.trials_per_task})
-    journal = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(experiment_dir / "optuna.journal"))
-    )
+    for task in tasks:
+        if task not in state["task_runs"]:
+            state["task_runs"][task] = tracker.start_run(task, parent, {"task": task})
+    _save_state(experiment_dir, state)
     try:
-        tables = []
-        for task, task_dir in tasks.items():
-            if task not in state["task_runs"]:
-                state["task_runs"][task] = tracker.start_run(task, parent, {"task": task})
-                _save_state(experiment_dir, state)
-            search = TaskSearch(spec, task, task_dir, experiment_dir, journal, tracker, state["task_runs"][task])
-            tables.append(search.run(parent, parallel))
+        table = Search(spec, tasks, experiment_dir, tracker, state["task_runs"]).run(parent, parallel)
     except BaseException as err:
         tracker.end_run(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    table = pd.concat(tables, ignore_index=True)
     table.to_parquet(experiment_dir / TABLE_FILE, index=False)
     summary = summary_table(table)
     if not summary.empty:
@@ -390,70 +401,89 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
 
 
 @dataclass
-class TaskSearch:
-    """One task's search: its Tune experiments (the first, plus one per extension of the budget), all
-    driven by the task's Optuna study; restores the experiments an interrupted driver left behind."""
+class Search:
+    """Every task's trials in one Tune experiment (``search``, plus ``search.more1``, ... per extension of
+    the budget), each task driven by its own Optuna study through a :class:`TaskRouter`; then the final
+    retrains (``final1``, ...). Restores the experiments an interrupted driver left behind."""
 
     spec: Spec
-    task: str
-    task_dir: Path
+    tasks: dict[str, Path]
     experiment_dir: Path
-    journal: optuna.storages.BaseStorage
     tracker: Tracker
-    task_run: str
+    task_runs: dict[str, str]  # task -> its MLflow run
+
+    def __post_init__(self):
+        self.journal = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(self.experiment_dir / "optuna.journal"))
+        )
 
     def run(self, parent: str, parallel: int) -> pd.DataFrame:
-        """Finish (or extend) the task's trials, log its fronts; its trial table."""
+        """Finish (or extend) every task's trials and final retrains, log each task's fronts; the trial
+        table of all tasks."""
         budget = self.spec.search.trials_per_task
-        table_file = self.experiment_dir / "tables" / f"{self.task}.parquet"
-        if table_file.is_file() and len(pd.read_parquet(table_file)) >= budget:
-            return pd.read_parquet(table_file)  # finished before the interruption
-        self.tracker.reopen(self.task_run)
+        tables = self.experiment_dir / "tables"
+        done_before = {task: pd.read_parquet(tables / f"{task}.parquet") for task in self.tasks
+                       if (tables / f"{task}.parquet").is_file()}
+        if len(done_before) == len(self.tasks) and all(len(t) >= budget for t in done_before.values()):
+            return pd.concat(done_before.values(), ignore_index=True)  # finished before the interruption
+        for run_id in self.task_runs.values():
+            self.tracker.reopen(run_id)
         try:
-            grids = self._restore()  # finished trials kept, running ones continue
-            done = sum(len(grid) for grid in grids)
-            if done < budget:
-                grids.append(self._tuner(parallel, budget - done, done, len(grids)).fit())
+            grids = self._restore("search")  # finished trials kept, running ones continue
+            done = dict.fromkeys(self.tasks, 0)
+            for result in (r for grid in grids for r in grid):
+                done[result.config[TASK]] += 1
+            todo = {task: budget - count for task, count in done.items() if count < budget}
+            if todo:
+                grids.append(self._tuner(todo, done, parallel, len(grids)).fit())
             self._fail_orphans()
-            table = results_table(self.task, grids, self._run_of)
+            table = results_table(grids, self._run_of)
             finals = self._final(table, parallel) if self.spec.final.seeds else None
         except BaseException:
-            self.tracker.end_run(self.task_run, "FAILED")
+            for run_id in self.task_runs.values():
+                self.tracker.end_run(run_id, "FAILED")
             raise
         if finals is not None:
             table = with_test_results(table, finals)
+        tables.mkdir(exist_ok=True)
+        for task in self.tasks:
+            task_finals = None if finals is None else finals[finals["task"] == task]
+            self._log_task(task, table[table["task"] == task].reset_index(drop=True), task_finals, parent)
+        return table
+
+    def _log_task(self, task: str, table: pd.DataFrame, finals: pd.DataFrame | None, parent: str) -> None:
+        """Tag the task's trials, save its Pareto prompts, log its fronts, hypervolume and tables."""
+        task_run = self.task_runs[task]
         for row in table.itertuples():
             if row.mlflow_run_id:
                 self.tracker.set_tags(row.mlflow_run_id, {"pareto": str(bool(row.pareto)).lower()})
             if row.pareto and row.mlflow_run_id and row.checkpoint:
                 self.tracker.client.log_artifacts(row.mlflow_run_id, row.checkpoint, "prompts")  # never the backbone
-        table_file.parent.mkdir(exist_ok=True)
-        destinations = [(self.task_run, None), (parent, self.task)]
-        self.tracker.log_fronts(table, self.task, destinations)
-        self.tracker.log_hypervolume(self.task_run, table)
+        destinations = [(task_run, None), (parent, task)]
+        self.tracker.log_fronts(table, task, destinations)
+        self.tracker.log_hypervolume(task_run, table)
         if finals is not None:
-            self.tracker.log_fronts(table, self.task, destinations, accuracy="test_acc", table_name=None)
-            self.tracker.log_table(self.task_run, finals, "final_runs.parquet")
-            finals.to_parquet(self.experiment_dir / "tables" / f"{self.task}.final.parquet", index=False)
-        self.tracker.end_run(self.task_run)
-        table.to_parquet(table_file, index=False)  # last: the task counts as finished once this exists
-        return table
+            self.tracker.log_fronts(table, task, destinations, accuracy="test_acc", table_name=None)
+            self.tracker.log_table(task_run, finals, "final_runs.parquet")
+            finals.to_parquet(self.experiment_dir / "tables" / f"{task}.final.parquet", index=False)
+        self.tracker.end_run(task_run)
+        table.to_parquet(self.experiment_dir / "tables" / f"{task}.parquet", index=False)  # last: the task is done
 
-    def _restore(self, final: bool = False) -> list[tune.ResultGrid]:
-        """Restore and finish the task's Tune experiments so far: the search's ``<task>``, ``<task>.more1``,
-        ...; with ``final``, the final retrains' ``<task>.final1``, ..."""
-        names = [f"{self.task}.final{i}" for i in range(1, 100)] if final else \
-            [self.task] + [f"{self.task}.more{i}" for i in range(1, 100)]
+    def _restore(self, kind: str) -> list[tune.ResultGrid]:
+        """Restore and finish the Tune experiments so far: the search's ``search``, ``search.more1``, ...,
+        or with ``kind="final"`` the final retrains' ``final1``, ..."""
+        names = [f"final{i}" for i in range(1, 100)] if kind == "final" else \
+            ["search"] + [f"search.more{i}" for i in range(1, 100)]
         grids = []
         for path in (self.experiment_dir / n for n in names):
             if path.is_dir() and tune.Tuner.can_restore(str(path)):
-                print(f"[{self.task}] restoring {path.name}")
+                print(f"restoring {path.name}")
                 tuner = tune.Tuner.restore(str(path), self._trainable(), resume_unfinished=True, resume_errored=False)
                 grids.append(tuner.fit())
         return grids
 
-    def _run_of(self, trial_id: str) -> str | None:
-        return self.tracker.child_run(self.task_run, "trial_id", trial_id)
+    def _run_of(self, task: str, trial_id: str) -> str | None:
+        return self.tracker.child_run(self.task_runs[task], "trial_id", trial_id)
 
     def _final(self, table: pd.DataFrame, parallel: int) -> pd.DataFrame:
         """Retrain every Pareto-optimal config once per final seed on the final split, test once.
@@ -461,74 +491,81 @@ class TaskSearch:
         Retrains of an interrupted search are restored; Pareto trials new since (an extended search) get
         a further experiment; each (trial, seed) runs once.
         """
-        grids = self._restore(final=True)
+        grids = self._restore("final")
         done = {(r.config[FINAL]["source_trial"], r.config[FINAL]["seed"]) for grid in grids for r in grid}
         pareto = table[table["pareto"]]
-        todo = [{**json.loads(config), "source_trial": trial, "seed": seed}
-                for trial, config in zip(pareto["trial_id"], pareto["config"]) for seed in self.spec.final.seeds
-                if (trial, seed) not in done]
+        todo = [{**json.loads(config), TASK: task, "source_trial": trial, "seed": seed}
+                for task, trial, config in zip(pareto["task"], pareto["trial_id"], pareto["config"])
+                for seed in self.spec.final.seeds if (trial, seed) not in done]
         if todo:
-            print(f"[{self.task}] final protocol: {len(todo)} retrain(s) of the Pareto configs on "
+            print(f"final protocol: {len(todo)} retrain(s) of the Pareto configs on "
                   f"{get_benchmark(self.spec.data.benchmark).final_splits[0]}, tested on test")
-            grids.append(self._final_tuner(todo, parallel, len(grids) + 1).fit())
-        return final_table(self.task, grids, self._run_of)
-
-    def _final_tuner(self, finals: list[dict], parallel: int, index: int) -> tune.Tuner:
-        return tune.Tuner(
-            self._trainable(),
-            param_space={FINAL: tune.grid_search(finals)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
-            run_config=tune.RunConfig(
-                name=f"{self.task}.final{index}",
-                storage_path=str(self.experiment_dir),
-                verbose=0,
-                callbacks=[TrialLogger(self.tracker, self.task, self.task_run, final=True),
-                           ProgressPrinter(f"{self.task} final", len(finals), accuracy="test_acc")],
-            ),
-        )
+            totals = pd.Series([f[TASK] for f in todo]).value_counts().to_dict()
+            grids.append(tune.Tuner(
+                self._trainable(),
+                param_space={FINAL: tune.grid_search(todo)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
+                run_config=tune.RunConfig(
+                    name=f"final{len(grids) + 1}",
+                    storage_path=str(self.experiment_dir),
+                    verbose=0,
+                    callbacks=[TrialLogger(self.tracker, self.task_runs, final=True),
+                               ProgressPrinter(totals, {}, accuracy="test_acc", label=" final")],
+                ),
+            ).fit())
+        return final_table(grids, self._run_of)
 
     def _trainable(self):
         return tune.with_resources(
             tune.with_parameters(
                 run_trial,
                 spec_json=self.spec.model_dump_json(by_alias=True),
-                task_dir=str(self.task_dir),
+                task_dirs={task: str(folder) for task, folder in self.tasks.items()},
                 train_storage=str(self.experiment_dir / "train_runs"),
                 base_store=str(self.experiment_dir / "base_models"),
             ),
             trial_resources(DRIVER_RESOURCE if DRIVER_RESOURCE in ray.cluster_resources() else None),
         )
 
-    def _tuner(self, parallel: int, samples: int, done: int, index: int) -> tune.Tuner:
-        """A new Tune experiment of ``samples`` trials on the task's (possibly continued) Optuna study."""
-        searcher = OptunaSearch(
-            space=DefineByRun(self.spec.space),
-            metric=list(OBJECTIVES),
-            mode=list(OBJECTIVES.values()),
-            sampler=make_sampler(self.spec.search, self.spec.space),
-            study_name=self.task,
-            storage=self.journal,  # load_if_exists: an extension continues the study's history
-        )
-        total = self.spec.search.trials_per_task
+    def _tuner(self, todo: dict[str, int], done: dict[str, int], parallel: int, index: int) -> tune.Tuner:
+        """A new Tune experiment of ``todo[task]`` more trials per task, each on the task's (possibly
+        continued) Optuna study."""
+        metric, mode = list(OBJECTIVES), list(OBJECTIVES.values())
+        searchers = {
+            task: OptunaSearch(
+                space=DefineByRun(self.spec.space), metric=metric, mode=mode,
+                sampler=make_sampler(self.spec.search, self.spec.space),
+                study_name=task,
+                storage=self.journal,  # load_if_exists: an extension continues the study's history
+            )
+            for task in todo
+        }
+        totals = dict.fromkeys(self.tasks, self.spec.search.trials_per_task)
         return tune.Tuner(
             self._trainable(),
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=samples, max_concurrent_trials=parallel),
+            tune_config=tune.TuneConfig(
+                search_alg=TaskRouter(searchers, todo, metric, mode),
+                num_samples=sum(todo.values()),
+                max_concurrent_trials=parallel,
+            ),
             run_config=tune.RunConfig(
-                name=self.task if index == 0 else f"{self.task}.more{index}",
+                name="search" if index == 0 else f"search.more{index}",
                 storage_path=str(self.experiment_dir),
                 verbose=0,
-                callbacks=[
-                    TrialLogger(self.tracker, self.task, self.task_run), ProgressPrinter(self.task, total, done)
-                ],
+                callbacks=[TrialLogger(self.tracker, self.task_runs), ProgressPrinter(totals, done)],
             ),
         )
 
     def _fail_orphans(self) -> None:
         """Optuna trials asked for by a driver that was killed before Tune recorded them never ran:
-        mark them failed so the study counts only real trials."""
-        study = optuna.load_study(study_name=self.task, storage=self.journal)
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        mark them failed so each study counts only real trials."""
+        for task in self.tasks:
+            try:
+                study = optuna.load_study(study_name=task, storage=self.journal)
+            except KeyError:  # the task's study was never created (no trial asked yet)
+                continue
+            for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def load_table(experiment: str | Path) -> pd.DataFrame:

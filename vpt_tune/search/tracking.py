@@ -20,7 +20,8 @@ from ray import tune
 
 from vpt_tune.search.hypervolume import hypervolume_history, reference_point
 from vpt_tune.search.pareto import front_figure, front_png
-from vpt_tune.search.driver import FINAL
+from vpt_tune.search.driver import FINAL, trial_task
+from vpt_tune.search.router import TASK
 from vpt_tune.train.worker import NODE, REUSED_BASE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
@@ -140,12 +141,12 @@ class Tracker:
 
 
 class TrialLogger(tune.Callback):
-    """Tune callback: one MLflow run per trial under the task run, per-epoch metrics, final status."""
+    """Tune callback: one MLflow run per trial under its task's run (``task_runs[task]``), per-epoch
+    metrics, final status."""
 
-    def __init__(self, tracker: Tracker, task: str, task_run_id: str, final: bool = False):
+    def __init__(self, tracker: Tracker, task_runs: dict[str, str], final: bool = False):
         self.tracker = tracker
-        self.task = task
-        self.task_run_id = task_run_id
+        self.task_runs = task_runs
         self.final = final  # final retrains: tagged, their evaluation (on test) logged as test_acc
         self.run_ids: dict[str, str] = {}
         self.nodes: dict[str, set[str]] = {}  # trial id -> Ray nodes its workers trained on
@@ -153,16 +154,19 @@ class TrialLogger(tune.Callback):
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self.run_ids:  # a restarted trial of a resumed search continues its run
-            run_id = self.tracker.child_run(self.task_run_id, "trial_id", trial.trial_id)
+            task = trial_task(trial.config)
+            task_run = self.task_runs[task]
+            run_id = self.tracker.child_run(task_run, "trial_id", trial.trial_id)
             if run_id is None:
-                config, tags = trial.config, {"task": self.task, "trial_id": trial.trial_id}
+                config = {k: v for k, v in trial.config.items() if k != TASK}
+                tags = {"task": task, "trial_id": trial.trial_id}
                 if self.final:
-                    config = {k: v for k, v in trial.config[FINAL].items() if k not in ("seed", "source_trial")}
-                    tags.update(final="true", source_trial=trial.config[FINAL]["source_trial"],
-                                seed=str(trial.config[FINAL]["seed"]))
-                name = f"{self.task}-final-{tags['source_trial']}-seed{tags['seed']}" if self.final else \
-                    f"{self.task}-{trial.trial_id}"
-                run_id = self.tracker.start_run(name, self.task_run_id, tags)
+                    final = trial.config[FINAL]
+                    config = {k: v for k, v in final.items() if k not in ("seed", "source_trial", TASK)}
+                    tags.update(final="true", source_trial=final["source_trial"], seed=str(final["seed"]))
+                name = f"{task}-final-{tags['source_trial']}-seed{tags['seed']}" if self.final else \
+                    f"{task}-{trial.trial_id}"
+                run_id = self.tracker.start_run(name, task_run, tags)
                 self.tracker.log_params(run_id, config)
             self.run_ids[trial.trial_id] = run_id
         return self.run_ids[trial.trial_id]

@@ -1,0 +1,57 @@
+"""The task router: one Tune searcher over per-task Optuna studies (no Ray needed to drive it)."""
+
+from __future__ import annotations
+
+import optuna
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from vpt_tune.search.router import TASK, TaskRouter
+from vpt_tune.search.space import DefineByRun
+from vpt_tune.spec import OBJECTIVES, Space
+
+METRIC, MODE = list(OBJECTIVES), list(OBJECTIVES.values())
+
+
+def _router(storage, budgets: dict[str, int]) -> TaskRouter:
+    space = Space.model_validate({"num_prompts": {"int": [1, 64]}})
+    searchers = {task: OptunaSearch(space=DefineByRun(space), metric=METRIC, mode=MODE, study_name=task,
+                                    sampler=optuna.samplers.RandomSampler(seed=0), storage=storage)
+                 for task in budgets}
+    return TaskRouter(searchers, budgets, METRIC, MODE)
+
+
+def _result(config: dict) -> dict:
+    return {"val_acc": config["num_prompts"] / 100, "prompt_tokens": config["num_prompts"], "gflops": 1.0}
+
+
+def test_trials_interleave_fairly_and_results_reach_their_task_study(tmp_path):
+    storage = optuna.storages.InMemoryStorage()
+    router = _router(storage, {"a": 2, "b": 3})
+    configs = {f"t{i}": router.suggest(f"t{i}") for i in range(5)}
+    # each new trial goes to the task furthest behind its budget: a, b, b, a, b
+    assert [c[TASK] for c in configs.values()] == ["a", "b", "b", "a", "b"]
+    assert router.suggest("t5") == Searcher.FINISHED  # every budget used
+
+    for trial_id, config in configs.items():
+        router.on_trial_complete(trial_id, _result(config))
+    for task in ("a", "b"):
+        study = optuna.load_study(study_name=task, storage=storage)
+        told = sorted(t.values[1] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+        assert told == sorted(c["num_prompts"] for c in configs.values() if c[TASK] == task)
+
+
+def test_saved_router_restores_its_budgets_and_pending_trials(tmp_path):
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.log")))
+    router = _router(storage, {"a": 2, "b": 2})
+    first, second = router.suggest("t0"), router.suggest("t1")
+    router.on_trial_complete("t0", _result(first))
+    router.save(str(tmp_path / "state.pkl"))  # t1 still running when the driver dies
+
+    restored = _router(storage, {"a": 2, "b": 2})
+    restored.restore(str(tmp_path / "state.pkl"))
+    restored.on_trial_complete("t1", _result(second))  # the running trial's result reaches its study
+    assert [restored.suggest(f"t{i}")[TASK] for i in (2, 3)] == ["a", "b"]
+    assert restored.suggest("t4") == Searcher.FINISHED
+    study = optuna.load_study(study_name=second[TASK], storage=storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 1
