@@ -67,3 +67,54 @@ def test_bad_image_is_not_cached(tmp_path, counted_decodes):
     with pytest.raises(DataError, match="blue.png"):
         decode_split(task, "train800", 8, classes=4)
     assert not list((cache.cache_dir() / "decoded").glob("*.npy"))
+
+
+# ---------------------------------------------------------------- the store both caches use
+
+
+@pytest.fixture
+def store(monkeypatch, tmp_path) -> cache.Store:
+    """A store in a private cache dir whose limit holds two 1000-byte entries (plus headers), not three."""
+    monkeypatch.setenv("VPT_TUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VPT_TUNE_TEST_CACHE_GB", str(2500 / 1024**3))
+    return cache.Store("test", "VPT_TUNE_TEST_CACHE_GB", 1.0)
+
+
+def _array(value: int) -> np.ndarray:
+    return np.full(1000, value, dtype=np.uint8)
+
+
+def test_store_evicts_the_least_recently_used(store):
+    assert store.save("a", _array(1)) and store.save("b", _array(2))
+    os.utime(store.path("a"), (1000, 1000))  # a written first, b later...
+    os.utime(store.path("b"), (2000, 2000))
+    assert store.load("a")[0] == 1  # ...but a used last
+    store.save("c", _array(3))
+    assert store.load("b") is None  # the least recently used went
+    assert store.load("a")[0] == 1 and store.load("c")[0] == 3
+    assert sorted(p.name for p in store.directory.iterdir()) == ["a.npy", "c.npy"]  # no temporary files left
+
+
+def test_store_mmap_load_and_too_large_entries(store):
+    store.save("a", _array(7))
+    mapped = store.load("a", mmap=True)
+    assert isinstance(mapped, np.memmap) and mapped.flags.writeable and mapped[999] == 7
+    mapped[0] = 0  # copy-on-write: the entry is unchanged
+    assert store.load("a")[0] == 7
+    assert not store.save("big", np.zeros(3000, dtype=np.uint8))  # larger than the whole limit: not stored
+    assert store.load("big") is None and store.load("a") is not None
+
+
+def test_store_ignores_other_writers_files_and_bad_entries(store):
+    store.directory.mkdir(parents=True)
+    writing = store.directory / f".x.{os.getpid() + 1}.1.npy"  # another process is writing this one
+    writing.write_bytes(b"x" * 3000)
+    stale = store.directory / ".y.1.1.npy"  # left by a writer that died long ago
+    stale.write_bytes(b"x")
+    os.utime(stale, (1, 1))
+    store.path("bad").write_bytes(b"not an array")
+    store.save("a", _array(1))
+    assert writing.exists() and not stale.exists() and store.load("a") is not None
+    assert store.load("bad") is None and store.load("missing") is None
+    store.save("bad", _array(2))  # a bad entry is simply replaced
+    assert store.load("bad")[0] == 2

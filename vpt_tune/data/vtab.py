@@ -88,12 +88,14 @@ class Batched:
 
 @dataclass
 class ImageSplit(Batched):
-    """One decoded split: uint8 images (N, 3, S, S), int64 labels (N,), normalisation constants."""
+    """One decoded split: uint8 images (N, 3, S, S), int64 labels (N,), normalisation constants, and
+    ``key``, the images' cache key (:func:`decoded_key`) when known: caches derived from the images use it."""
 
     images: torch.Tensor
     labels: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    key: str | None = None
 
     def inputs(self, indices: torch.Tensor) -> torch.Tensor:
         """Normalised float images (B, 3, S, S)."""
@@ -105,6 +107,11 @@ def decode_split(task_dir: Path, split: str, img_size: int, classes: int) -> tup
 
     Every image is checked (exists, decodes, label in range); the result is cached on disk.
     """
+    images, labels, _ = _decode_split(task_dir, split, img_size, classes)
+    return images, labels
+
+
+def _decode_split(task_dir: Path, split: str, img_size: int, classes: int) -> tuple[np.ndarray, np.ndarray, str]:
     entries = read_list(task_dir, split)
     for path, label in entries:
         if label >= classes:
@@ -120,17 +127,18 @@ def decode_split(task_dir: Path, split: str, img_size: int, classes: int) -> tup
         except DataError as err:
             raise DataError(f"{err}; listed in {task_dir / split}.txt: fix or remove that line") from None
         save_decoded(key, images)
-    return images, np.array([label for _, label in entries], dtype=np.int64)
+    return images, np.array([label for _, label in entries], dtype=np.int64), key
 
 
 def load_split(
     task_dir: Path, split: str, img_size: int, mean: Sequence[float], std: Sequence[float], classes: int
 ) -> ImageSplit:
     """The decoded ``split`` of the task at ``task_dir``, normalised with ``mean``/``std`` per batch."""
-    images, labels = decode_split(task_dir, split, img_size, classes)
+    images, labels, key = _decode_split(task_dir, split, img_size, classes)
     return ImageSplit(
         images=torch.from_numpy(images),
         labels=torch.from_numpy(labels),
         mean=torch.tensor(mean).view(1, 3, 1, 1),
         std=torch.tensor(std).view(1, 3, 1, 1),
+        key=key,
     )
