@@ -118,9 +118,22 @@ def _spec(tmp_path, trials: int, epochs: int) -> Path:
     return path
 
 
-def _cli(env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vpt_tune.cli", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+@pytest.fixture
+def cli():
+    """Starts ``vpt-tune`` processes (``cli(env, *args)``); any still running when the test ends (it
+    failed) is killed, so a search left behind never holds the cluster's CPUs in the next test."""
+    started = []
+
+    def start(env: dict, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "vpt_tune.cli", *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            _stop(proc)
 
 
 def _stop(proc: subprocess.Popen) -> str:
@@ -143,10 +156,14 @@ def _trial_runs(db: Path) -> list:
     if not any(db.parent.glob("results/*/experiment.json")):
         return []
     client = MlflowClient(f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("test")
-    if experiment is None:
+    try:
+        experiment = client.get_experiment_by_name("test")
+        if experiment is None:
+            return []
+        runs = client.search_runs([experiment.experiment_id], max_results=100)
+    except Exception:  # noqa: BLE001 - e.g. "database is locked" while the search writes: poll again
         return []
-    return [r for r in client.search_runs([experiment.experiment_id], max_results=100) if "trial_id" in r.data.tags]
+    return [r for r in runs if "trial_id" in r.data.tags]
 
 
 def _held_placement_groups(jobs: str) -> list[str]:
@@ -154,9 +171,9 @@ def _held_placement_groups(jobs: str) -> list[str]:
             if pg["state"] in ("CREATED", "PENDING", "RESCHEDULING")]
 
 
-def test_a_driver_killed_on_a_long_lived_cluster_gives_its_resources_back(tmp_path, two_nodes):
+def test_a_driver_killed_on_a_long_lived_cluster_gives_its_resources_back(tmp_path, two_nodes, cli):
     spec = _spec(tmp_path, trials=2, epochs=30)
-    proc = _cli(two_nodes.client_env, "search", str(spec), "--name", "k", "--address", two_nodes.gcs)
+    proc = cli(two_nodes.client_env, "search", str(spec), "--name", "k", "--address", two_nodes.gcs)
     db = tmp_path / "mlflow.db"
     deadline = time.monotonic() + 300
     while not any("ray_nodes" in r.data.tags for r in _trial_runs(db)):  # training has started
@@ -172,10 +189,10 @@ def test_a_driver_killed_on_a_long_lived_cluster_gives_its_resources_back(tmp_pa
         time.sleep(1)
 
 
-def test_a_submitted_search_uses_both_nodes_and_survives_losing_one(tmp_path, two_nodes):
+def test_a_submitted_search_uses_both_nodes_and_survives_losing_one(tmp_path, two_nodes, cli):
     trials = 3
     spec = _spec(tmp_path, trials, epochs=4)
-    proc = _cli(two_nodes.client_env, "search", str(spec), "--name", "two", "--address", two_nodes.jobs)
+    proc = cli(two_nodes.client_env, "search", str(spec), "--name", "two", "--address", two_nodes.jobs)
     node2 = next(n["node_id"] for n in _nodes(two_nodes.jobs) if "node2" in n["resources_total"])
     db = tmp_path / "mlflow.db"
 
@@ -208,27 +225,27 @@ def test_a_submitted_search_uses_both_nodes_and_survives_losing_one(tmp_path, tw
     assert len(victim_nodes) == 2, victim_nodes  # moved from the dead node to the head
 
     # `resume --address` is submitted the same way; a finished search resumes to the same table.
-    resumed = _cli(two_nodes.client_env, "resume", str(experiment), "--address", two_nodes.jobs)
+    resumed = cli(two_nodes.client_env, "resume", str(experiment), "--address", two_nodes.jobs)
     out = _finish(resumed, timeout=600)
     assert resumed.returncode == 0 and "(resumed)" in out and "SUCCEEDED" in out, out[-4000:]
     assert pd.read_parquet(experiment / "trials.parquet")["trial_id"].tolist() == table["trial_id"].tolist()
 
 
-def test_an_unreachable_cluster_is_a_clear_error(tmp_path):
+def test_an_unreachable_cluster_is_a_clear_error(tmp_path, cli):
     spec = _spec(tmp_path, trials=1, epochs=1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     port = _free_port()
     for address, needle in ((f"http://127.0.0.1:{port}", "no Ray job server answers"),
                             (f"127.0.0.1:{port}", "no Ray cluster answers there")):
-        proc = _cli(env, "search", str(spec), "--address", address)
-        out, _ = proc.communicate(timeout=300)
+        proc = cli(env, "search", str(spec), "--address", address)
+        out = _finish(proc, timeout=300)
         assert proc.returncode == 2 and needle in out and "Traceback" not in out, out[-3000:]
     assert not (tmp_path / "results").exists()  # nothing written
 
 
 @pytest.mark.parametrize("storage, needle", [("relative/results", "storage: 'relative/results' is relative")])
-def test_a_job_needs_paths_the_cluster_can_see(tmp_path, storage, needle):
+def test_a_job_needs_paths_the_cluster_can_see(tmp_path, storage, needle, cli):
     spec = _spec(tmp_path, trials=1, epochs=1)
-    proc = _cli(dict(os.environ), "search", str(spec), "--storage", storage, "--address", "http://127.0.0.1:9")
-    out, _ = proc.communicate(timeout=120)
+    proc = cli(dict(os.environ), "search", str(spec), "--storage", storage, "--address", "http://127.0.0.1:9")
+    out = _finish(proc, timeout=120)
     assert proc.returncode == 2 and needle in out, out
