@@ -76,7 +76,7 @@ def _start_two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     head = subprocess.Popen([
         RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", '--resources={"vpt_driver": 100}',
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats",
     ], **start)
     jobs = f"http://127.0.0.1:{dashboard}"
     node2 = None
@@ -91,6 +91,7 @@ def _start_two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             time.sleep(1)
         node2 = subprocess.Popen([
             RAY, "start", "--block", f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"node2": 1}',
+            f"--dashboard-agent-listen-port={_free_port()}",  # two nodes on one host: not both on Ray's default
             "--disable-usage-stats",
         ], **start)
         while len(_nodes(jobs)) < 2:

@@ -29,6 +29,7 @@ from vpt_tune.spec import Spec
 JOB_PORT = 8265
 MLFLOW_PORT = 5000  # the MLflow server cluster/aws.yaml starts on the head
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+AGENT_WAIT_S = 60  # how long a submission waits for a freshly started cluster's job agents
 
 
 class ClusterError(UserError):
@@ -175,11 +176,19 @@ def submit(address: str, argv: list[str], name: str, stdin: str | None = None) -
     command = shlex.join(["python", "-m", "vpt_tune.cli", *argv])
     if stdin is not None:
         command = f"printf %s {shlex.quote(stdin)} | {command}"
-    return client.submit_job(
-        entrypoint=command,
-        submission_id=f"vpt-tune-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **RAY_TRAIN_POLL}},
-    )
+    submission_id = f"vpt-tune-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=command,
+                submission_id=submission_id,
+                runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **RAY_TRAIN_POLL}},
+            )
+        except RuntimeError as err:  # a cluster that just started: its nodes' job agents are not up yet
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow(address: str, job_id: str) -> str:
