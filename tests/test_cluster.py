@@ -55,12 +55,11 @@ def _nodes(jobs: str) -> list[dict]:
     return [n for n in _state(jobs, "nodes") if n["state"] == "ALIVE"]
 
 
-@pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    """Head: 1 CPU + the ``vpt_driver`` resource; second raylet: 1 CPU + ``node2``; for this module's tests
-    (the node-loss test last: it kills the second raylet)."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        yield from _start_two_nodes(tmp_path_factory.mktemp("cluster"), monkeypatch)
+@pytest.fixture
+def two_nodes(tmp_path_factory, monkeypatch):
+    """Head: 1 CPU + the ``vpt_driver`` resource; second raylet: 1 CPU + ``node2``. A fresh cluster for each
+    test (about 15 s): whatever one test kills or leaves held never decides the next one."""
+    yield from _start_two_nodes(tmp_path_factory.mktemp("cluster"), monkeypatch)
 
 
 def _start_two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -167,9 +166,10 @@ def _trial_runs(db: Path) -> list:
     return [r for r in runs if "trial_id" in r.data.tags]
 
 
-def _held_placement_groups(jobs: str) -> list[str]:
-    return [pg["placement_group_id"] for pg in _state(jobs, "placement_groups")
-            if pg["state"] in ("CREATED", "PENDING", "RESCHEDULING")]
+def _held_placement_groups(jobs: str) -> list[dict]:
+    """Placement groups holding or waiting for resources, as Ray's state API describes them."""
+    return [{k: pg.get(k) for k in ("placement_group_id", "state", "creator_job_id", "is_detached", "bundles")}
+            for pg in _state(jobs, "placement_groups") if pg["state"] in ("CREATED", "PENDING", "RESCHEDULING")]
 
 
 def test_a_driver_killed_on_a_long_lived_cluster_gives_its_resources_back(tmp_path, two_nodes, cli):
@@ -177,7 +177,10 @@ def test_a_driver_killed_on_a_long_lived_cluster_gives_its_resources_back(tmp_pa
     proc = cli(two_nodes.client_env, "search", str(spec), "--name", "k", "--address", two_nodes.gcs)
     db = tmp_path / "mlflow.db"
     deadline = time.monotonic() + 300
-    while not any("ray_nodes" in r.data.tags for r in _trial_runs(db)):  # training has started
+    # Kill only once both trials train: Ray 2.60's GCS registers a placement group without checking that
+    # its creator still lives, so a Train controller killed while it creates its workers' group can leave
+    # that group held for good (a Ray race, documented in cluster/README.md; CI met a group held > 60 s).
+    while sum("ray_nodes" in r.data.tags for r in _trial_runs(db)) < 2:
         assert time.monotonic() < deadline and proc.poll() is None, _stop(proc)
         time.sleep(0.5)
     assert _held_placement_groups(two_nodes.jobs), "the search holds no placement groups: nothing to test"
