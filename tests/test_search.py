@@ -68,6 +68,9 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
     assert (table["epoch"] == 3).all()
     assert table["val_acc_uncondensed"].notna().all()
     assert table["pareto"].any()
+    # Where each trial's time went: Ray Train's start-up and the model/data set-up, inside its wall time.
+    assert (table["startup_seconds"] > 0).all() and (table["setup_seconds"] > 0).all()
+    assert (table[["train_seconds", "startup_seconds", "setup_seconds"]].sum(axis=1) < table["wall_seconds"]).all()
     configs = [json.loads(c) for c in table["config"]]
     for config, tokens in zip(configs, table["prompt_tokens"]):
         assert 1 <= config["num_prompts"] <= 8
@@ -104,6 +107,7 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
         assert run.data.metrics["val_acc"] == pytest.approx(row["val_acc"])
         assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 3  # one per epoch, fine-tuning too
         assert "pid" not in run.data.metrics  # Tune's bookkeeping stays out
+        assert run.data.metrics["startup_seconds"] == pytest.approx(row["startup_seconds"])
         saved = {a.path for a in client.list_artifacts(run.info.run_id, "prompts")}
         assert saved == ({"prompts/trainable.pt"} if row["pareto"] else set())  # prompts + head of Pareto trials
     task_artifacts = {a.path for a in client.list_artifacts(task_runs[0].info.run_id)}

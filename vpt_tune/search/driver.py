@@ -6,6 +6,7 @@ trial never starves its own workers on a small machine.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -19,7 +20,7 @@ from vpt_tune.search.router import TASK
 from vpt_tune.spec import Space, Spec
 from vpt_tune.train.job import Job, job_cost
 from vpt_tune.train.loop import DivergenceError
-from vpt_tune.train.worker import DIVERGED, train_worker
+from vpt_tune.train.worker import DIVERGED, STARTED_AT, train_worker
 
 FINAL = "final"  # config key of a final retrain (see make_job)
 # Ray Train's controller polls its workers every 2 s by default; 0.5 s ends a trial sooner
@@ -104,6 +105,7 @@ def run_trial(
             "threads": res.cpus_per_worker,
             "checkpoint_every": spec.train.checkpoint_every,
             "base_store": base_store if spec.train.reuse_base else None,
+            STARTED_AT: time.time(),
         },
         scaling_config=ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=use_gpu, resources_per_worker=per_worker

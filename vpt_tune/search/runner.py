@@ -49,13 +49,16 @@ from vpt_tune.train.worker import REUSED_BASE
 
 METRIC_COLUMNS = (
     "val_acc", "val_acc_uncondensed", "val_acc_unpruned", "prompt_tokens", "kv_tokens", "gflops", "trainable_params",
-    "train_loss", "epoch", "train_seconds",
+    "train_loss", "epoch", "train_seconds", "startup_seconds", "setup_seconds",
 )
 TABLE_FILE = "trials.parquet"
 STATE_FILE = "experiment.json"  # MLflow URI and run ids, so `vpt-tune resume` continues the same runs
 TEST_OBJECTIVES = {"test_acc": "max", **{k: v for k, v in OBJECTIVES.items() if k != "val_acc"}}
 FINAL_COLUMNS = ("test_acc", "test_acc_std", "test_seeds")  # the final protocol's, on Pareto trials
 RESUME_OVERRIDES = ("search.trials_per_task", "search.max_concurrent_trials")
+# A finished trial's driver process runs the next trial (all trials ask for the same bundle), which spares
+# each later trial a process start and its torch/timm imports; bench/trial_overhead.py measures both ways.
+REUSE_TRIAL_ACTORS = True
 
 
 @dataclass
@@ -504,7 +507,7 @@ class Search:
             grids.append(tune.Tuner(
                 self._trainable(),
                 param_space={FINAL: tune.grid_search(todo)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
+                tune_config=tune.TuneConfig(max_concurrent_trials=parallel, reuse_actors=REUSE_TRIAL_ACTORS),
                 run_config=tune.RunConfig(
                     name=f"final{len(grids) + 1}",
                     storage_path=str(self.experiment_dir),
@@ -547,6 +550,7 @@ class Search:
                 search_alg=TaskRouter(searchers, todo, metric, mode),
                 num_samples=sum(todo.values()),
                 max_concurrent_trials=parallel,
+                reuse_actors=REUSE_TRIAL_ACTORS,
             ),
             run_config=tune.RunConfig(
                 name="search" if index == 0 else f"search.more{index}",

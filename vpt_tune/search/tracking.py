@@ -29,7 +29,7 @@ FRONT_COSTS = ("prompt_tokens", "gflops")
 TRIAL_METRICS = (
     "train_loss", "val_acc", "val_acc_uncondensed", "val_acc_unpruned", "lr", "epoch_seconds", "train_seconds",
     "prompt_tokens",
-    "kv_tokens", "gflops", "trainable_params",
+    "kv_tokens", "gflops", "trainable_params", "startup_seconds", "setup_seconds",
 )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from vpt_tune.train.loop import DivergenceError
 DIVERGED = "diverged"  # metric carrying a DivergenceError's message to the trial
 NODE = "node_id"  # result key: the Ray node rank 0 trains on
 REUSED_BASE = "reused_base_from"  # result key: the trial whose trained, uncondensed model this one started from
+STARTED_AT = "trial_started_at"  # config key: when the trial's driver started the TorchTrainer (time.time())
 
 
 def load_checkpoint(checkpoint: ray.train.Checkpoint | None) -> dict | None:
@@ -50,7 +52,14 @@ def save_base(path: Path, state: dict) -> None:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the trial's TorchTrainer; ``config`` = {"job": asdict(Job), "report": {...}}."""
+    """``train_loop_per_worker`` of the trial's TorchTrainer; ``config`` = {"job": asdict(Job), "report": {...}}.
+
+    Besides the job's metrics it reports where a trial's time goes before training: ``startup_seconds``
+    (the driver starting the TorchTrainer until this function runs: Ray Train's controller, the worker
+    group, their imports) and ``setup_seconds`` (from here to the first epoch: model, data, caches).
+    """
+    entered = time.time()
+    timing = {"startup_seconds": entered - config[STARTED_AT]} if STARTED_AT in config else {}
     job = Job(**config["job"])
     constant_metrics = config["report"]  # cost figures known before training; the last report has the final ones
     every = int(config.get("checkpoint_every", 1))
@@ -74,9 +83,11 @@ def train_worker(config: dict[str, Any]) -> None:
             if state is not None and rank == 0:
                 torch.save({**state, "report": dict(last), "job": asdict(job)}, Path(tmp) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if state is not None and rank == 0 else None
-            ray.train.report({**constant_metrics, **metrics, "epoch": epoch + 1}, checkpoint=checkpoint)
+            ray.train.report({**constant_metrics, **timing, **metrics, "epoch": epoch + 1}, checkpoint=checkpoint)
 
     def on_epoch(epoch: int, metrics: dict[str, float], checkpoint) -> None:
+        if "setup_seconds" not in timing:  # this worker's first epoch began once the model and data were ready
+            timing["setup_seconds"] = time.time() - metrics["epoch_seconds"] - entered
         last["train_seconds"] += metrics["epoch_seconds"]  # training + evaluation time, no overheads
         last.update(epoch=epoch, metrics={**metrics, "train_seconds": last["train_seconds"]})
         if base_file is not None and rank == 0 and epoch + 1 == job.base_epochs and not base_file.exists():
