@@ -220,3 +220,5 @@ def test_killed_train_worker_restarts_from_its_last_epoch(tmp_path):
     assert resumed and min(resumed) >= 1, f"{seen}\n{out[-4000:]}"  # continued after epoch >= 1, not from 0
     first_after = next(r["epoch"] for r in reports if r.get("resumed_from"))
     assert first_after == min(resumed) + 1, seen  # from the checkpoint's epoch on, not from epoch 1
+    startups = {r["startup_seconds"] for r in reports}
+    assert len(startups) == 1, startups  # the restart keeps the first start-up, not the time since it

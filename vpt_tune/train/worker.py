@@ -57,6 +57,7 @@ def train_worker(config: dict[str, Any]) -> None:
     Besides the job's metrics it reports where a trial's time goes before training: ``startup_seconds``
     (the driver starting the TorchTrainer until this function runs: Ray Train's controller, the worker
     group, their imports) and ``setup_seconds`` (from here to the first epoch: model, data, caches).
+    Both describe the trial's first start: a worker group restarted from a checkpoint keeps them.
     """
     entered = time.time()
     timing = {"startup_seconds": entered - config[STARTED_AT]} if STARTED_AT in config else {}
@@ -69,6 +70,7 @@ def train_worker(config: dict[str, Any]) -> None:
     resume = load_checkpoint(ray.train.get_checkpoint())
     if resume:  # a restarted worker group or trial: epochs up to the checkpoint are not trained again
         constant_metrics = {**constant_metrics, "resumed_from": resume["report"]["epoch"] + 1}
+        timing = resume.get("timing", timing)  # not the time since the first start, failed attempt included
     base_file = Path(config["base_store"], f"{job.base_key()}.pt") if config.get("base_store") else None
     if resume is None and base_file is not None and base_file.is_file():  # trained before, maybe condensed otherwise
         resume = torch.load(base_file, weights_only=True)
@@ -81,7 +83,8 @@ def train_worker(config: dict[str, Any]) -> None:
     def report(epoch: int, metrics: dict[str, float], state: dict | None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if state is not None and rank == 0:
-                torch.save({**state, "report": dict(last), "job": asdict(job)}, Path(tmp) / CHECKPOINT_FILE)
+                torch.save({**state, "report": dict(last), "job": asdict(job), "timing": timing},
+                           Path(tmp) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if state is not None and rank == 0 else None
             ray.train.report({**constant_metrics, **timing, **metrics, "epoch": epoch + 1}, checkpoint=checkpoint)
 
