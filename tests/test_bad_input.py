@@ -141,6 +141,9 @@ CASES = {
     "storage_not_writable": Case(
         spec_with({"storage": "a_file/results"}, prepare=_write("a_file", "")),
         ("storage: cannot create", "a_file/results", "a_file is not a writable directory")),
+    # ---- the spec file itself: size, bombs, nesting, encoding, syntax, duplicate keys (issue 12)
+    # ---- the data stays inside its root: escapes, symlinks, bombs, loops, labels, duplicates, BOM (issue 12)
+    # ---- preflight: weights files, MLflow URIs, resources, experiment names (issue 12)
 }
 
 
