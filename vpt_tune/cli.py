@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a SearchInterrupted says how far the search got and how to resume it
+        print(f"vpt-tune: {err or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - user-facing errors become one line, exit code 2
         if args.debug or not isinstance(err, UserError):

@@ -30,6 +30,7 @@ from vpt_tune.train.loop import DivergenceError
 
 DIVERGED = "diverged"  # metric carrying a DivergenceError's message to the trial
 NODE = "node_id"  # result key: the Ray node rank 0 trains on
+COMPLETE = "trial_complete"  # result key, in a trial's last report only: it ran to its end
 REUSED_BASE = "reused_base_from"  # result key: the trial whose trained, uncondensed model this one started from
 STARTED_AT = "trial_started_at"  # config key: when the trial's driver started the TorchTrainer (time.time())
 
@@ -109,4 +110,4 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(failed, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         return
     state = {"phase": 3, "loop": None, "metrics": final, "trainable": model.trainable_state(), "initial": None}
-    report(last["epoch"], {**last["metrics"], **final}, state)
+    report(last["epoch"], {**last["metrics"], **final, COMPLETE: True}, state)
