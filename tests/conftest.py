@@ -5,6 +5,7 @@ Everything is built from random weights at tiny sizes so the unit tests run in s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +16,15 @@ import torch
 
 from vpt_tune.data.vtab import ImageSplit
 from vpt_tune.models.backbone import freeze
+
+def require(available: bool, what: str) -> None:
+    """Skip a test whose optional system package (``what``: how to install it) is missing here; under CI
+    (``CI=true``) fail instead, since .ci/run installs every one: CI skips nothing."""
+    if not available:
+        if os.environ.get("CI"):
+            pytest.fail(f"missing in CI, where .ci/run should have installed it: {what}")
+        pytest.skip(f"not installed: {what}")
+
 
 # A 4-block ViT of width 48 on 32-px images with 8-px patches: 16 patches + 1 class token.
 SMALL_VIT = dict(model="vit_tiny_patch16_224", depth=4, embed_dim=48, num_heads=3, patch_size=8, img_size=32)

@@ -16,6 +16,8 @@ import pytest
 
 from vpt_tune.search.pareto import front_figure, pareto_mask
 
+from conftest import require
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -87,10 +89,9 @@ class _Tree(HTMLParser):
 
 
 def _chromium() -> str:
-    for name in BROWSERS:
-        if path := shutil.which(name):
-            return path
-    pytest.skip("Chromium not installed: apt-get install chromium")
+    path = next(filter(None, map(shutil.which, BROWSERS)), None)
+    require(path is not None, "Chromium (apt-get install chromium)")
+    return path
 
 
 def _trials() -> pd.DataFrame:
