@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 import re
+import sys
+import time
+import tracemalloc
 
 import optuna
 import pytest
 import yaml
 
 from vpt_tune.search.space import DefineByRun, make_sampler
-from vpt_tune.spec import OBJECTIVES, Param, SearchSpec, SpecError, load_spec, validate
+from vpt_tune.spec import (
+    MAX_SPEC_BYTES, MAX_SPEC_NODES, OBJECTIVES, Param, SearchSpec, SpecError, load_spec, validate,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -256,6 +262,203 @@ def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="not found"):
         load_spec(tmp_path / "demo.yaml")
     assert load_spec("search_spaces/demo.yaml").name == "demo"
+
+
+# ---------------------------------------------------------------- the YAML itself: limits, encoding, syntax, keys
+
+
+def _load_error(tmp_path, content: str | bytes, overrides: list[str] = ()) -> str:
+    """The one-line SpecError of loading ``content`` as ``spec.yaml``; it starts with the file's path."""
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SpecError) as err:
+        load_spec(path, overrides)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(path) if not overrides else "--set "), message
+    return message
+
+
+def _bomb(levels: int, width: int) -> str:
+    """A "billion laughs" mapping: ``l<i>`` lists ``width`` aliases of ``l<i-1>``: width**levels leaves expanded."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        message = _load_error(tmp_path, "name: t\n" + _bomb(10, 10))  # 10**10 leaves: never built, never walked
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # l4 (line 6) is the first anchor past 100,000 nodes (l<i> has 1 + 11...1 nodes): refused there, so the
+    # lines after it are never read and nothing is expanded
+    assert re.search(r"spec\.yaml:6:\d+: more than 100,000 YAML nodes once aliases \(\*name\) are expanded", message)
+    assert "alias *l3 (an alias bomb?)" in message and "copy less through aliases" in message
+    assert elapsed < 10 and peak < 50 * 2**20  # generous: it takes milliseconds and kilobytes
+
+
+def test_node_limit_counts_each_alias_as_a_copy_of_its_anchor(tmp_path):
+    # base_lr's choice list `a` holds 1000 nodes; weight_decay's lists 98 aliases of it, then `scalars`
+    # values: 99,014 nodes with the 13 of the maps and keys, before those scalars
+    def spec(scalars: int) -> str:
+        return (f"name: t\nspace: {{num_prompts: 4, base_lr: {{choice: &a [{', '.join(['1'] * 999)}]}}, "
+                f"weight_decay: {{choice: [{', '.join(['*a'] * 98 + ['2'] * scalars)}]}}}}\n")
+
+    fill = MAX_SPEC_NODES - 99_014
+    spec_at_limit = load_spec(_write(tmp_path, spec(fill)))
+    assert len(spec_at_limit.space.weight_decay.choice) == 98 + fill and fill > 0
+    assert "more than 100,000 YAML nodes" in _load_error(tmp_path, spec(fill + 1))
+
+
+def test_anchors_aliases_and_merge_keys_still_load(tmp_path):
+    path = _write(tmp_path, """\
+name: anchors
+space:
+  num_prompts: {int: [1, 8]}
+  base_lr: &lr {float: [0.01, 1.0], log: true}
+  weight_decay: {<<: *lr, log: false, float: [0.0, 0.1]}   # explicit keys override merged ones
+  prompt_dropout:
+    <<: [{float: [0.0, 0.5]}, {step: 0.1}]
+  layers: &blocks [0, 1]
+data: {tasks: [digits]}
+final: {seeds: *blocks}
+train: {epochs: 2, batch_size: 8}
+""")
+    spec = load_spec(path)
+    assert spec.space.base_lr.float_range == (0.01, 1.0) and spec.space.base_lr.log
+    assert spec.space.weight_decay.float_range == (0.0, 0.1) and not spec.space.weight_decay.log
+    assert spec.space.prompt_dropout.float_range == (0.0, 0.5) and spec.space.prompt_dropout.step == 0.1
+    assert spec.space.layers == [0, 1] and spec.final.seeds == [0, 1] and spec.train.epochs == 2
+
+
+def test_merged_anchor_overriding_merged_keys_is_no_duplicate(tmp_path):
+    # `wide` is merged into `space.base_lr` before `wide` itself is constructed: its own `log` must not
+    # collide with the `log` it merges from `base`
+    path = _write(tmp_path, """\
+name: merges
+anchors: {base: &base {float: [0.1, 1.0], log: true}, wide: &wide {<<: *base, log: false}}
+space: {num_prompts: 4, base_lr: {<<: *wide, float: [0.0, 2.0]}}
+""")
+    with pytest.raises(SpecError, match="anchors: Extra inputs"):  # parsed: only the unknown key is refused
+        load_spec(path)
+
+
+def test_alias_inside_its_own_anchor_is_refused(tmp_path):
+    message = _load_error(tmp_path, "name: t\nspace: &s {num_prompts: *s}\n")
+    assert "spec.yaml:2:25: alias *s is inside its own anchor &s (a loop)" in message
+
+
+@pytest.mark.parametrize(
+    "content, line, column",
+    [
+        ("[" * 10_000, 1, 51),  # flow style: the 51st `[`
+        ("name: t\nspace:\n" + "".join(f"{'  ' * (i + 1)}k{i}:\n" for i in range(60)), 52, 101),  # block style
+        ("name: t\nspace:\n" + "- " * 5_000 + "x\n", 3, 99),  # the 50th `-` (after the mapping)
+    ],
+)
+def test_deep_nesting_is_refused_before_it_recurses(tmp_path, content, line, column):
+    message = _load_error(tmp_path, content)
+    assert f"spec.yaml:{line}:{column}: nested deeper than 50 levels, the limit for a spec" in message
+    assert "flatten it" in message
+
+
+def test_fifty_levels_of_nesting_still_parse(tmp_path):
+    message = _load_error(tmp_path, "name: t\nspace: {num_prompts: " + "[" * 48 + "1" + "]" * 48 + "}\n")
+    assert "space.num_prompts" in message and "nested" not in message  # parsed, then refused by validation
+
+
+def test_file_over_1_mb_is_refused_unread(tmp_path):
+    spec = yaml.safe_dump(BASE)
+    exact = spec + "#" * (MAX_SPEC_BYTES - len(spec) - 1) + "\n"
+    assert len(exact) == MAX_SPEC_BYTES == 1_000_000 and load_spec(_write(tmp_path, exact)).name == "t"
+    message = _load_error(tmp_path, exact + "\n")
+    assert message.endswith("spec.yaml: larger than 1,000,000 bytes, the limit for a spec "
+                            "(a spec is a few KB: keep data and generated lists out of it)")
+
+
+def test_invalid_utf8_names_the_byte_offset(tmp_path):
+    message = _load_error(tmp_path, b"name: t\nspace: {num_prompts: caf\xe9}\n")
+    assert message.endswith("spec.yaml: not UTF-8 text: byte 0xe9 at byte offset 32 (line 2); save the spec as UTF-8")
+    assert load_spec(_write(tmp_path, "\ufeff" + yaml.safe_dump(BASE))).name == "t"  # a UTF-8 BOM is fine
+
+
+def test_control_character_is_refused_with_its_position(tmp_path):
+    message = _load_error(tmp_path, "name: t\nspace: {num_prompts: 4\x07}\n")
+    assert "spec.yaml:2:23: not valid YAML: character #x0007 is not allowed in YAML: delete it" in message
+
+
+@pytest.mark.parametrize(
+    "content, where, problem",
+    [
+        ("name: t\nspace: {num_prompts: [1, 2\n", "3:1",
+         "expected ',' or ']', but got '<stream end>' (while parsing a flow sequence at line 2)"),
+        ("name: t\nspace:\n\tnum_prompts: 3\n", "3:1", "found character '\\t' that cannot start any token"),
+        ("name: t: x\n", "1:8", "mapping values are not allowed here"),
+        ("name: t\ntrain:\n  epochs: 3\n batch_size: 8\n", "4:2", "expected <block end>"),
+        ("name: t\nspace: *nope\n", "2:8", "found undefined alias 'nope'"),
+        ("name: t\n---\nname: u\n", "2:1", "but found another document"),
+    ],
+)
+def test_syntax_error_is_one_line_with_line_and_column(tmp_path, content, where, problem):
+    message = _load_error(tmp_path, content)
+    assert message.startswith(f"{tmp_path / 'spec.yaml'}:{where}: not valid YAML: {problem}"), message
+
+
+@pytest.mark.parametrize("value", ["2024-13-01", "!!int ten", "!!bool maybe", "!!timestamp soon"])
+def test_malformed_typed_scalar_is_a_yaml_error(tmp_path, value):
+    message = _load_error(tmp_path, f"name: t\nspace: {{num_prompts: {value}}}\n")
+    assert "spec.yaml:2:22: not valid YAML: cannot read" in message and "quote it to keep the text" in message
+
+
+@pytest.mark.parametrize(
+    "content, where, key, first",
+    [
+        ("name: t\nspace: {num_prompts: 4}\nname: u\n", "3:1", "name", 1),
+        ("name: t\nspace:\n  num_prompts: {int: [1, 8]}\n  base_lr: 0.1\n  num_prompts: 4\n", "5:3", "num_prompts", 3),
+        ("name: t\nspace: {num_prompts: {int: [1, 8], 'int': [2, 4]}}\n", "2:36", "int", 2),
+        ("name: t\nd: &d {a: 1}\nspace: {<<: *d, <<: *d, x: 1, x: 2}\n", "3:31", "x", 3),  # `<<` may repeat
+    ],
+)
+def test_duplicate_keys_are_refused_at_any_level(tmp_path, content, where, key, first):
+    message = _load_error(tmp_path, content)
+    assert message.startswith(f"{tmp_path / 'spec.yaml'}:{where}: duplicate key {key!r} (first at line {first}); "
+                              "YAML would keep only the last: merge the two or delete one"), message
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("space.num_prompts={int: [1, 8], int: [2, 4]}", ":1:15: duplicate key 'int' (first at line 1)"),
+        ("space.layers=" + "[" * 100, ":1:51: nested deeper than 50 levels"),
+        ("space.layers=&a [1, *a]", ":1:8: alias *a is inside its own anchor &a"),
+        ("data.tasks={" + _bomb(10, 10).replace("\n", ", ") + "}", "more than 100,000 YAML nodes"),
+        ("train.epochs=[1, 2", ":1:6: not valid YAML: expected ',' or ']', but got '<stream end>'"),
+    ],
+)
+def test_set_values_get_the_same_guards(tmp_path, override, message):
+    error = _load_error(tmp_path, yaml.safe_dump(BASE), [override])
+    assert error.startswith(f"--set {override!r}") and message in error, error
+
+
+def test_stdin_gets_the_same_guards(monkeypatch):
+    def load(data: bytes):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        return load_spec("-")
+
+    assert load(yaml.safe_dump(BASE).encode()).name == "t"
+    for data, message in [
+        (b"name: t\nname: u\n", "<stdin>:2:1: duplicate key 'name'"),
+        (b"name: \xff\n", "<stdin>: not UTF-8 text: byte 0xff at byte offset 6 (line 1)"),
+        (b"#" * (MAX_SPEC_BYTES + 1), "<stdin>: larger than 1,000,000 bytes"),
+        (b"[" * 1000, "<stdin>:1:51: nested deeper than 50 levels"),
+    ]:
+        with pytest.raises(SpecError) as err:
+            load(data)
+        assert str(err.value).startswith(message), err.value
 
 
 # ---------------------------------------------------------------- the Optuna search space

@@ -26,6 +26,11 @@ OBJECTIVES = {"val_acc": "max", "prompt_tokens": "min", "gflops": "min"}
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 PROMPT_INITS = ("uniform", "spt_random", "spt_mean", "spt_max")
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Limits on the YAML of a spec (file, standard input or --set value), enforced while parsing so that no input
+# can exhaust time, memory or the stack; real specs are a few KB, nest about 5 levels and hold a few hundred nodes.
+MAX_SPEC_BYTES = 1_000_000
+MAX_SPEC_DEPTH = 50  # nested mappings/lists; PyYAML's composer recurses about 2 frames per level
+MAX_SPEC_NODES = 100_000  # keys, values and collections, each alias counted as a copy of its anchor
 
 
 class SpecError(UserError, ValueError):
@@ -136,14 +141,18 @@ def _check_ratio(name: str, value: Param | float | None) -> None:
 
 
 class E2VPTSpec(_Strict):
-    """Fixed options of E²VPT's key/value prompts (their number is ``space.kv_prompts``).
+    """Fixed options of E²VPT's key/value prompts (their number is ``space.kv_prompts``) and pruning.
 
     ``kv_shared``: one tensor per block serves as keys and values (the authors' commands), or separate
     key and value tensors (the paper's description); ``kv_position``: before or after the image keys.
+    ``prune_scoring`` (with prune ratios): ``authors`` (default: trained gates, mean signed gradient,
+    at most 12 of 16 segments pruned, fresh random rewind, as ChengHan111/E2VPT) or ``ours`` (|gradient|
+    at gate 1, rewind to the initial values); see :mod:`vpt_tune.prune`.
     """
 
     kv_shared: bool = True
     kv_position: Literal["prepend", "append"] = "prepend"
+    prune_scoring: Literal["authors", "ours"] = "authors"
 
 
 class BackboneSpec(_Strict):
@@ -263,18 +272,15 @@ def builtin_spec(name: str) -> Path | None:
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
     """Read, expand, override and validate a spec file (a built-in spec name, or ``-``: standard input)."""
-    text = sys.stdin.read() if str(path) == "-" else None
-    path = Path("<stdin>" if text is not None else path)
-    if text is None and not path.is_file() and (len(path.parts) == 1 or path.parts[0] == "search_spaces"):
+    stdin = str(path) == "-"
+    path = Path("<stdin>" if stdin else path)
+    if not stdin and not path.is_file() and (len(path.parts) == 1 or path.parts[0] == "search_spaces"):
         path = builtin_spec(path.name) or path  # `demo` or `search_spaces/demo.yaml` from any directory
-    if text is None and not path.is_file():
+    if not stdin and not path.is_file():
         folder = resources.files("vpt_tune") / "search_spaces"
         builtins = sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
         raise SpecError(f"{path}: spec file not found (built-in specs: {', '.join(builtins)})")
-    try:
-        raw = yaml.safe_load(path.read_text() if text is None else text)
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    raw = _load_yaml(_read_spec_text(path, stdin), str(path))
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a YAML mapping of keys (name, space, train, ...)")
     for override in overrides:
@@ -340,7 +346,134 @@ def _apply_override(raw: dict, override: str, source: Path) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise SpecError(f"--set {override!r}: {part!r} in {source} is not a mapping")
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = _load_yaml(value, f"--set {override!r}")  # its size is bounded by the OS's argument limit
+
+
+def _read_spec_text(path: Path, stdin: bool) -> str:
+    """The spec's text: at most MAX_SPEC_BYTES of UTF-8, read without loading more than that."""
+    try:
+        if stdin:
+            data = sys.stdin.buffer.read(MAX_SPEC_BYTES + 1)
+        else:
+            with path.open("rb") as file:
+                data = file.read(MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read the spec ({err.strerror})") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: larger than {MAX_SPEC_BYTES:,} bytes, the limit for a spec "
+                        f"(a spec is a few KB: keep data and generated lists out of it)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise SpecError(f"{path}: not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset {err.start} "
+                        f"(line {line}); save the spec as UTF-8") from None
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """One YAML document, parsed by :class:`_SpecLoader`; every problem is a one-line SpecError at
+    ``source:line:column``."""
+    try:
+        loader = _SpecLoader(text, source)  # checks every character first: a ReaderError comes from here
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - text.rfind("\n", 0, err.position)
+        raise SpecError(f"{source}:{line}:{column}: not valid YAML: character #x{err.character:04x} is not "
+                        f"allowed in YAML: delete it") from None
+    except yaml.MarkedYAMLError as err:
+        message = err.problem
+        if err.context:  # e.g. "while parsing a flow sequence", and where that began
+            message += f" ({err.context}" + (f" at line {err.context_mark.line + 1})" if err.context_mark else ")")
+        message = " ".join(message.split())  # one line
+        raise SpecError(f"{_at(source, err.problem_mark)}: not valid YAML: {message}") from None
+
+
+def _at(source: str, mark: yaml.Mark) -> str:
+    """``source:line:column``, both counted from 1 (PyYAML's marks count from 0)."""
+    return f"{source}:{mark.line + 1}:{mark.column + 1}"
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader refusing, as a SpecError, what could exhaust the machine or silently lose keys:
+    nesting deeper than MAX_SPEC_DEPTH, more than MAX_SPEC_NODES nodes once aliases are expanded (an alias
+    bomb), an alias inside its own anchor (a loop) and duplicate keys.
+
+    Depth and size are counted on the event stream as the composer pulls it. PyYAML's scanner and parser
+    are iterative state machines, so this stops a deep or explosive document before the composer and
+    constructor recurse into it and before any Python object exists, in the same single pass over the
+    text (a separate ``yaml.parse`` pre-pass would scan it twice). An alias counts the memoised size of
+    its anchor, so a bomb is refused after a few hundred events, without expanding anything.
+    """
+
+    def __init__(self, text: str, source: str) -> None:
+        super().__init__(text)
+        self._source = source
+        self._open: list[list] = [[None, 0]]  # [anchor, node count so far] of the stream and each open collection
+        self._sizes: dict[str, int] = {}  # expanded node count of each finished anchored node
+
+    def get_event(self) -> yaml.Event:
+        event = super().get_event()
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(self._open) > MAX_SPEC_DEPTH:
+                raise SpecError(f"{_at(self._source, event.start_mark)}: nested deeper than {MAX_SPEC_DEPTH} "
+                                f"levels, the limit for a spec (a spec needs a handful: flatten it)")
+            self._open.append([event.anchor, 1])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = self._open.pop()
+            self._count(event, anchor, size)
+        elif isinstance(event, yaml.ScalarEvent):
+            self._count(event, event.anchor, 1)
+        elif isinstance(event, yaml.AliasEvent):
+            self._count(event, None, self._alias_size(event))
+        return event
+
+    def _alias_size(self, event: yaml.AliasEvent) -> int:
+        if event.anchor in self._sizes:
+            return self._sizes[event.anchor]
+        if any(anchor == event.anchor for anchor, _ in self._open):
+            raise SpecError(f"{_at(self._source, event.start_mark)}: alias *{event.anchor} is inside its own "
+                            f"anchor &{event.anchor} (a loop): copy the values instead")
+        return 1  # an undefined alias: the composer reports it with its position
+
+    def _count(self, event: yaml.Event, anchor: str | None, size: int) -> None:
+        """Add a finished node of ``size`` expanded nodes to its parent (a lower bound of the total)."""
+        if anchor is not None:
+            self._sizes[anchor] = size
+        self._open[-1][1] += size
+        if self._open[-1][1] > MAX_SPEC_NODES:
+            cause = f"alias *{event.anchor} (an alias bomb?)" if isinstance(event, yaml.AliasEvent) else "here"
+            raise SpecError(f"{_at(self._source, event.start_mark)}: more than {MAX_SPEC_NODES:,} YAML nodes once "
+                            f"aliases (*name) are expanded, the limit for a spec, reached at {cause}; a spec "
+                            f"needs a few hundred: copy less through aliases, keep data out of the spec")
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        # Checked on the nodes, as written: at construction, merge keys (<<) have already been flattened
+        # into some mappings, whose explicit keys legitimately override merged ones.
+        node = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":  # `<<` merges, may repeat
+                seen = first.setdefault((key.tag, key.value), key)
+                if seen is not key:
+                    raise SpecError(f"{_at(self._source, key.start_mark)}: duplicate key {key.value!r} (first at "
+                                    f"line {seen.start_mark.line + 1}); YAML would keep only the last: merge the "
+                                    f"two or delete one")
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, AttributeError):  # SafeConstructor on `2024-13-01`, `!!int x`, `!!bool x`...
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.value!r} as {kind}: fix it, or quote it to keep the text",
+                node.start_mark) from None
 
 
 def _expand_env(node: Any, source: Path, key: str = "") -> Any:
