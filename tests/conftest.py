@@ -26,6 +26,21 @@ def require(available: bool, what: str) -> None:
         pytest.skip(f"not installed: {what}")
 
 
+def assert_front(table) -> None:
+    """``table["pareto"]`` marks exactly the finished trials no other finished trial of their task dominates
+    (val_acc up, prompt_tokens and gflops down), checked pair by pair; other statuses are never on a front."""
+    for _, trials in table.groupby("task"):
+        finished = trials[trials["status"] == "finished"]
+        assert not trials.loc[trials["status"] != "finished", "pareto"].any()
+        for index, row in finished.iterrows():
+            others = finished.drop(index)
+            at_least = ((others["val_acc"] >= row["val_acc"]) & (others["prompt_tokens"] <= row["prompt_tokens"])
+                        & (others["gflops"] <= row["gflops"]))
+            better = ((others["val_acc"] > row["val_acc"]) | (others["prompt_tokens"] < row["prompt_tokens"])
+                      | (others["gflops"] < row["gflops"]))
+            assert bool(row["pareto"]) == (not (at_least & better).any()), row.to_dict()
+
+
 # A 4-block ViT of width 48 on 32-px images with 8-px patches: 16 patches + 1 class token.
 SMALL_VIT = dict(model="vit_tiny_patch16_224", depth=4, embed_dim=48, num_heads=3, patch_size=8, img_size=32)
 

@@ -24,18 +24,13 @@ class BackboneError(UserError, ValueError):
 
 def create_backbone(model: str, weights: str | Path | None, img_size: int) -> VisionTransformer:
     """Create the timm ViT ``model`` at ``img_size`` with the given weights, frozen and in eval mode."""
-    if not timm.is_model(model):
-        raise BackboneError(f"unknown timm model {model!r}: see timm.list_models('vit_*') for names")
-    with torch.device("meta"):  # architecture only: no weights, no download
-        probe = timm.create_model(model, pretrained=False, num_classes=0)
-    if not isinstance(probe, VisionTransformer) or probe.cls_token is None:
-        raise BackboneError(f"{model!r} is not a timm VisionTransformer with a class token")
+    probe = _architecture(model)
     if weights is None:
         vit = timm.create_model(model, pretrained=True, num_classes=0, img_size=img_size)
     else:
         vit = timm.create_model(model, pretrained=False, num_classes=0)
         if str(weights) != "random":
-            vit.load_state_dict(_read_state_dict(Path(weights)), strict=True)
+            vit.load_state_dict(_read_state_dict(Path(weights), probe, model), strict=True)
         # Resamples the position table when the checkpoint was made for another size.
         vit.set_input_size(img_size=(img_size, img_size))
     return freeze(vit)
@@ -54,12 +49,65 @@ def normalisation(vit: VisionTransformer) -> tuple[tuple[float, ...], tuple[floa
     return tuple(cfg["mean"]), tuple(cfg["std"])
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def check_weights(model: str, weights: str | Path) -> None:
+    """Read the weights file once, as :func:`create_backbone` does, and check it is a state dict that
+    fits ``model`` (keys and shapes; the model is built on the meta device only)."""
+    _read_state_dict(Path(weights), _architecture(model), model)
+
+
+def _architecture(model: str) -> VisionTransformer:
+    """``model`` built on the meta device (no weights, no download), refused unless a ViT with a class token."""
+    if not timm.is_model(model):
+        raise BackboneError(f"unknown timm model {model!r}: see timm.list_models('vit_*') for names")
+    with torch.device("meta"):
+        probe = timm.create_model(model, pretrained=False, num_classes=0)
+    if not isinstance(probe, VisionTransformer) or probe.cls_token is None:
+        raise BackboneError(f"{model!r} is not a timm VisionTransformer with a class token")
+    return probe
+
+
+def _read_state_dict(path: Path, probe: VisionTransformer, model: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, checked against the keys and shapes of ``probe`` (``model``'s architecture)."""
     if not path.is_file():
         raise BackboneError(f"backbone weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    fix = f"give a .safetensors file or a torch.save()d state dict of timm's {model} (num_classes=0)"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state.get("state_dict", state))
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any content can be in the file; each loader fails its own way
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch (weights_only=True)"
+        raise BackboneError(f"{path}: not a readable {kind} file ({_reason(err)}); {fix}") from None
+    if isinstance(state, dict):
+        state = state.get("model", state.get("state_dict", state))  # training checkpoints wrap it
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path}: holds a Python {type(state).__name__}, not a state dict (name -> tensor); {fix}")
+    not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise BackboneError(f"{path}: holds values that are not tensors ({_few(not_tensors)}), not a state dict; {fix}")
+    expected = probe.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} {list(state[k].shape)} (model: {list(v.shape)})" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+    problems = [f"{label} {_few(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    if problems:
+        raise BackboneError(f"{path}: does not fit {model} ({'; '.join(problems)}); {fix}")
+    return state
+
+
+def _few(items: list[str], shown: int = 3) -> str:
+    more = f" (+{len(items) - shown} more)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _reason(err: Exception) -> str:
+    """The telling sentence of a loader's error (torch's weights-only message is a paragraph)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    line = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    sentence = line.split(". ")[0].removeprefix("WeightsUnpickler error: ")
+    return f"{type(err).__name__}: {sentence}" if sentence else type(err).__name__

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ import pandas as pd
 import ray
 import torch
 import yaml
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+from mlflow.store.db.db_types import DATABASE_ENGINES
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
@@ -37,6 +41,8 @@ from vpt_tune.cost import ViTShape
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
 from vpt_tune.data.tasks import decode_task_split, expand_tasks, find_task_dir, get_benchmark, task_classes
+from vpt_tune.errors import SearchInterrupted
+from vpt_tune.models.backbone import BackboneError, check_weights
 from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources, trial_task
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.router import TASK, TaskRouter
@@ -45,7 +51,7 @@ from vpt_tune.search.summary import summary_markdown, summary_table
 from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri, error_summary
 from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError, load_spec
 from vpt_tune.train.job import resolve_weights
-from vpt_tune.train.worker import REUSED_BASE
+from vpt_tune.train.worker import COMPLETE, REUSED_BASE
 
 METRIC_COLUMNS = (
     "val_acc", "val_acc_uncondensed", "val_acc_unpruned", "prompt_tokens", "kv_tokens", "gflops", "trainable_params",
@@ -110,14 +116,20 @@ def check_data(spec: Spec, tasks: dict[str, Path]) -> None:
 
 
 def check_model(spec: Spec) -> None:
-    """Fail early on an unknown model, a missing weights file or a depth beyond the model's blocks."""
+    """Fail early on an unknown model, a weights file that is missing or not a state dict of the model,
+    or a depth beyond the model's blocks."""
     try:
         shape = ViTShape.for_model(spec.backbone.model, spec.backbone.img_size)
     except RuntimeError as err:  # timm raises RuntimeError for unknown names
         raise SpecError(f"backbone.model: {err}") from None
     weights = spec.backbone.weights
-    if weights not in ("demo", "hub", "random") and not Path(weights).expanduser().is_file():
-        raise SpecError(f"backbone.weights: file {weights} does not exist (or use demo, hub, random)")
+    if weights not in ("demo", "hub", "random"):
+        if not Path(weights).expanduser().is_file():
+            raise SpecError(f"backbone.weights: file {weights} does not exist (or use demo, hub, random)")
+        try:
+            check_weights(spec.backbone.model, Path(weights).expanduser())
+        except BackboneError as err:
+            raise SpecError(f"backbone.weights: {err}") from None
     depth = spec.space.depth
     high = depth.int_range[1] if isinstance(depth, Param) and depth.int_range else depth
     if isinstance(high, int) and high > shape.depth:
@@ -134,9 +146,25 @@ def check_storage(experiment_dir: Path) -> None:
         raise SpecError(f"storage: cannot create {experiment_dir} ({existing} is not a writable directory)")
 
 
+# The stores MLflow 3 opens: a server, Databricks, a database (SQLAlchemy URL: sqlite:///mlflow.db,
+# postgresql+psycopg2://...). A folder (file store) it refuses unless MLFLOW_ALLOW_FILE_STORE=true.
+TRACKING_SCHEMES = ("http", "https", "databricks", *DATABASE_ENGINES)
+
+
 def check_tracking(uri: str) -> None:
-    """An MLflow server must answer (5 s), a sqlite store's folder must be writable."""
-    if uri.startswith(("http://", "https://")):
+    """The URI must name a store MLflow 3 opens, not a folder; an MLflow server must answer (5 s), a
+    sqlite store's folder must be writable."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("", "file"):
+        if not MLFLOW_ALLOW_FILE_STORE.get():
+            path = uri.removeprefix("file://")
+            store = f"sqlite:///{path}" if path.endswith(".db") else "sqlite:///path/mlflow.db"
+            raise SpecError(f"tracking.mlflow_uri: {uri} is a file store (a folder), which MLflow 3 refuses; use a "
+                            f"sqlite file ({store}) or a server URL (http://HOST:5000)")
+    elif scheme.partition("+")[0] not in TRACKING_SCHEMES:
+        raise SpecError(f"tracking.mlflow_uri: {uri}: MLflow has no tracking store for {scheme}://; use sqlite:///"
+                        "path/mlflow.db, a server URL (http://HOST:5000) or a database URL (postgresql://...)")
+    elif scheme in ("http", "https"):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
         except OSError as err:
@@ -158,6 +186,44 @@ def check_gpus(spec: Spec) -> None:
             "resources.gpus_per_worker: the trials ask for GPUs but this machine has none; "
             "set gpus_per_worker: 0 (--set resources.gpus_per_worker=0) or run on a GPU cluster"
         )
+
+
+def local_resources(spec: Spec) -> dict[str, float]:
+    """The CPUs (and GPUs, when the trials ask for some) that a local Ray will find on this machine."""
+    # ray.init counts CPUs with this very function: the CPU count bounded by the cgroup's quota (a
+    # container's limit); Ray ignores the affinity mask, so os.sched_getaffinity would disagree with it.
+    cpus = ray._private.utils.get_num_cpus()
+    # Ray and torch both see the GPUs CUDA_VISIBLE_DEVICES leaves; asked only when needed (CUDA start-up).
+    gpus = torch.cuda.device_count() if spec.resources.gpus_per_worker > 0 else 0
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def check_resources(spec: Spec, nodes: list[dict[str, float]], cluster: bool) -> None:
+    """A trial's Train workers must fit on ``nodes`` (each node's resources): each worker on one node,
+    as Ray places a worker's bundle whole, and all of them at once."""
+    res = spec.resources
+    need = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
+    fits = [min(_ray_units(node.get(kind, 0)) // max(_ray_units(amount), 1) for kind, amount in need.items())
+            for node in nodes]
+    largest, whole = ("the largest node of the Ray cluster", "the Ray cluster") if cluster else ("this machine",) * 2
+    if not any(fits):
+        have = {kind: max((node.get(kind, 0) for node in nodes), default=0) for kind in need}
+        kind = next((kind for kind in need if have[kind] < need[kind]), "CPU")
+        key = f"resources.{kind.lower()}s_per_worker"
+        fix = f"set {key}: {have[kind]:g} or less (--set {key}={have[kind]:g})" if have[kind] else f"add {kind} nodes"
+        raise SpecError(f"{key}: a worker asks for {need[kind]:g} {kind}s but {largest} has {have[kind]:g} "
+                        f"(Ray places each worker on one node); {fix}")
+    if sum(fits) < res.workers_per_trial:
+        each = ", ".join(f"{amount:g} {kind}" for kind, amount in need.items())
+        total = ", ".join(f"{sum(node.get(kind, 0) for node in nodes):g} {kind}" for kind in need)
+        raise SpecError(f"resources.workers_per_trial: {res.workers_per_trial} workers of {each} each do not fit "
+                        f"on {whole} ({total}: {sum(fits)} at once); set workers_per_trial: {sum(fits)} or less, "
+                        "or ask for less per worker")
+
+
+def _ray_units(amount: float) -> int:
+    """``amount`` in Ray's fixed-point resource units (1e-4): exact counts, where 1 // 0.1 == 9 in floats."""
+    return round(amount * 10_000)
 
 
 def start_ray() -> None:
@@ -240,19 +306,34 @@ class ProgressPrinter(tune.Callback):
 RunOf = Callable[[str, str], "str | None"]  # (task, trial id) -> the trial's MLflow run id
 
 
+def trial_status(result: tune.Result) -> str:
+    """``finished``, ``failed``, or ``interrupted``: stopped by Ctrl-C before its last report (Tune ends
+    such trials as TERMINATED too, and a restored experiment does not keep Tune's ``done`` flag, so the
+    worker marks its last report itself)."""
+    if result.error:
+        return "failed"
+    return "finished" if (result.metrics or {}).get(COMPLETE) else "interrupted"
+
+
+def trial_ref(result: tune.Result) -> tuple[str, str]:
+    """A search trial's or final retrain's (task, trial id)."""
+    config = result.config or {}
+    task = config[FINAL][TASK] if FINAL in config else config[TASK]
+    return task, (result.metrics or {}).get("trial_id") or Path(result.path).name
+
+
 def results_table(grids: list[tune.ResultGrid], run_of: RunOf) -> pd.DataFrame:
     """One row per search trial of ``grids``: task, ids, status, config (JSON), metrics, MLflow run id;
-    the ``pareto`` flag marks each task's front."""
+    the ``pareto`` flag marks each task's front (finished trials only)."""
     rows = []
     for result in (r for grid in grids for r in grid):
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        config = dict(result.config or {})
-        task = config.pop(TASK)
+        task, trial_id = trial_ref(result)
+        config = {k: v for k, v in (result.config or {}).items() if k != TASK}
         rows.append({
             "task": task,
             "trial_id": trial_id,
-            "status": "failed" if result.error else "finished",
+            "status": trial_status(result),
             "error": error_summary(str(result.error)) if result.error else "",
             "config": json.dumps(config, sort_keys=True),
             **{k: metrics.get(k) for k in METRIC_COLUMNS},
@@ -274,10 +355,10 @@ def final_table(grids: list[tune.ResultGrid], run_of: RunOf) -> pd.DataFrame:
     rows = []
     for result in (r for grid in grids for r in grid):
         metrics, final = result.metrics or {}, result.config[FINAL]
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        _, trial_id = trial_ref(result)
         rows.append({
             "task": final[TASK], "source_trial": final["source_trial"], "seed": final["seed"], "trial_id": trial_id,
-            "status": "failed" if result.error else "finished",
+            "status": trial_status(result),
             "test_acc": metrics.get("val_acc"),  # a final retrain evaluates on test
             **{k: metrics.get(k) for k in ("prompt_tokens", "gflops", "train_seconds")},
             "mlflow_run_id": run_of(final[TASK], trial_id) or "",
@@ -301,14 +382,25 @@ def with_test_results(table: pd.DataFrame, finals: pd.DataFrame) -> pd.DataFrame
     return table
 
 
+EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # Spec.name's pattern: a folder name, never a path
+
+
 def experiment_dir_of(spec: Spec, name: str | None, storage: str | None) -> Path:
-    """``<storage>/<name>``: the experiment directory a new search writes."""
+    """``<storage>/<name>``: the experiment directory a new search writes, always directly in the storage
+    folder."""
+    if name is not None and (not EXPERIMENT_NAME.fullmatch(name) or name in (".", "..")):
+        raise SpecError(f"--name {name!r}: an experiment name is one folder name of letters, digits, '_', '.' "
+                        "and '-' (no '/', not . or ..); choose where it goes with --storage")
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage or spec.storage
     if "://" in storage:
         raise SpecError(f"storage: {storage}: URIs are not supported yet; use a directory, on a cluster one shared "
                         "by every node at the same path (NFS, EFS, FSx)")
-    return Path(storage).expanduser().resolve() / name
+    root = Path(storage).expanduser().resolve()
+    if (root / name).resolve().parent != root:  # a symlink of that name, even a dangling one
+        raise SpecError(f"--name {name}: {root / name} is a link to {(root / name).resolve()}, outside the "
+                        f"storage folder {root}; choose another --name")
+    return root / name
 
 
 def run_search(
@@ -353,12 +445,14 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
     # Every check before anything is written or Ray starts: a mistake costs seconds, not a cluster.
     check_tracking(uri)
     check_gpus(spec)
+    cluster = bool(ray.is_initialized() or os.environ.get("RAY_ADDRESS"))
+    if not cluster:
+        check_resources(spec, [local_resources(spec)], cluster)
     check_model(spec)
     tasks = task_dirs(spec)
     check_data(spec, tasks)
     if spec.backbone.weights == "demo":
         resolve_weights("demo")  # download + convert once, before any trial needs it
-    tracker = Tracker(uri, spec.tracking.experiment)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console tables off: we print progress
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state at most 1 s old when killed
@@ -366,6 +460,9 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
     if not ray.is_initialized():
         start_ray()
     parallel = concurrency(spec)
+    if cluster:  # a cluster's nodes are known once joined
+        check_resources(spec, [node["Resources"] for node in ray.nodes() if node["Alive"]], cluster)
+    tracker = Tracker(uri, spec.tracking.experiment)  # creates the store (mlflow.db): only once all checks pass
     resumed = "parent_run_id" in state
     if not resumed:
         experiment_dir.mkdir(parents=True)
@@ -431,20 +528,26 @@ class Search:
             return pd.concat(done_before.values(), ignore_index=True)  # finished before the interruption
         for run_id in self.task_runs.values():
             self.tracker.reopen(run_id)
+        grids: list[tune.ResultGrid] = []
+        table = None
         try:
-            grids = self._restore("search")  # finished trials kept, running ones continue
+            total = budget * len(self.tasks)
+            self._restore("search", grids, total)  # finished trials kept, running ones continue
             done = dict.fromkeys(self.tasks, 0)
             for result in (r for grid in grids for r in grid):
                 done[result.config[TASK]] += 1
             todo = {task: budget - count for task, count in done.items() if count < budget}
             if todo:
-                grids.append(self._tuner(todo, done, parallel, len(grids)).fit())
-            self._fail_orphans()
+                self._fit(self._tuner(todo, done, parallel, len(grids)), grids, total)
+            self._fail_orphans()  # not after a Ctrl-C: its stopped trials are still running in their studies
             table = results_table(grids, self._run_of)
             finals = self._final(table, parallel) if self.spec.final.seeds else None
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, SearchInterrupted):  # what finished so far, for `vpt-tune pareto`; never a front
+                (table if table is not None else results_table(grids, self._run_of)).to_parquet(
+                    self.experiment_dir / TABLE_FILE, index=False)
             for run_id in self.task_runs.values():
-                self.tracker.end_run(run_id, "FAILED")
+                self.tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         if finals is not None:
             table = with_test_results(table, finals)
@@ -472,18 +575,38 @@ class Search:
         self.tracker.end_run(task_run)
         table.to_parquet(self.experiment_dir / "tables" / f"{task}.parquet", index=False)  # last: the task is done
 
-    def _restore(self, kind: str) -> list[tune.ResultGrid]:
-        """Restore and finish the Tune experiments so far: the search's ``search``, ``search.more1``, ...,
-        or with ``kind="final"`` the final retrains' ``final1``, ..."""
+    def _restore(self, kind: str, grids: list[tune.ResultGrid], total: int) -> None:
+        """Restore and finish the Tune experiments so far, appending their grids to ``grids``: the search's
+        ``search``, ``search.more1``, ..., or with ``kind="final"`` the final retrains' ``final1``, ..."""
         names = [f"final{i}" for i in range(1, 100)] if kind == "final" else \
             ["search"] + [f"search.more{i}" for i in range(1, 100)]
-        grids = []
         for path in (self.experiment_dir / n for n in names):
             if path.is_dir() and tune.Tuner.can_restore(str(path)):
                 print(f"restoring {path.name}")
                 tuner = tune.Tuner.restore(str(path), self._trainable(), resume_unfinished=True, resume_errored=False)
-                grids.append(tuner.fit())
-        return grids
+                self._fit(tuner, grids, total)
+
+    def _fit(self, tuner: tune.Tuner, grids: list[tune.ResultGrid], total: int) -> None:
+        """Run ``tuner`` to its end and append its grid to ``grids`` (of ``total`` trials in all).
+
+        On Ctrl-C, Tune stops the running trials, saves the experiment's state and returns: the stopped
+        trials' MLflow runs are marked interrupted (KILLED) and :class:`SearchInterrupted` says how far the
+        search got and how to continue it.
+        """
+        grids.append(tuner.fit())
+        stopped = [result for result in grids[-1] if trial_status(result) == "interrupted"]
+        if not stopped:
+            return
+        for result in stopped:
+            run_id = self._run_of(*trial_ref(result))
+            if run_id:
+                self.tracker.set_tags(run_id, {"status": "interrupted"})
+                self.tracker.end_run(run_id, "KILLED")
+        finished = sum(trial_status(r) == "finished" for grid in grids for r in grid)
+        raise SearchInterrupted(
+            f"interrupted: {finished} of {total} trials finished, {len(stopped)} stopped before their end; "
+            f"continue with `vpt-tune resume {self.experiment_dir}`"
+        )
 
     def _run_of(self, task: str, trial_id: str) -> str | None:
         return self.tracker.child_run(self.task_runs[task], "trial_id", trial_id)
@@ -494,9 +617,11 @@ class Search:
         Retrains of an interrupted search are restored; Pareto trials new since (an extended search) get
         a further experiment; each (trial, seed) runs once.
         """
-        grids = self._restore("final")
-        done = {(r.config[FINAL]["source_trial"], r.config[FINAL]["seed"]) for grid in grids for r in grid}
         pareto = table[table["pareto"]]
+        total = len(pareto) * len(self.spec.final.seeds)
+        grids: list[tune.ResultGrid] = []
+        self._restore("final", grids, total)
+        done = {(r.config[FINAL]["source_trial"], r.config[FINAL]["seed"]) for grid in grids for r in grid}
         todo = [{**json.loads(config), TASK: task, "source_trial": trial, "seed": seed}
                 for task, trial, config in zip(pareto["task"], pareto["trial_id"], pareto["config"])
                 for seed in self.spec.final.seeds if (trial, seed) not in done]
@@ -504,7 +629,7 @@ class Search:
             print(f"final protocol: {len(todo)} retrain(s) of the Pareto configs on "
                   f"{get_benchmark(self.spec.data.benchmark).final_splits[0]}, tested on test")
             totals = pd.Series([f[TASK] for f in todo]).value_counts().to_dict()
-            grids.append(tune.Tuner(
+            self._fit(tune.Tuner(
                 self._trainable(),
                 param_space={FINAL: tune.grid_search(todo)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=parallel, reuse_actors=REUSE_TRIAL_ACTORS),
@@ -515,7 +640,7 @@ class Search:
                     callbacks=[TrialLogger(self.tracker, self.task_runs, final=True),
                                ProgressPrinter(totals, {}, accuracy="test_acc", label=" final")],
                 ),
-            ).fit())
+            ), grids, total)
         return final_table(grids, self._run_of)
 
     def _trainable(self):
