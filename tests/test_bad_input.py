@@ -52,6 +52,16 @@ def spec_with(changes: dict[str, Any], *extra_args: str, prepare: Callable[[Path
     return setup
 
 
+def spec_text(content: str | bytes) -> Setup:
+    """``content`` as ``spec.yaml``, byte for byte: for specs that ``yaml.safe_dump`` cannot write."""
+
+    def setup(cwd: Path) -> list[str]:
+        (cwd / "spec.yaml").write_bytes(content if isinstance(content, bytes) else content.encode())
+        return ["search", "spec.yaml"]
+
+    return setup
+
+
 def vtab_task(defect: Callable[[Path], None] = lambda task: None, tasks: tuple[str, ...] = ("toy",)) -> Setup:
     """A VTAB-1k root ``data/`` holding the task ``toy`` of test_data (4 classes), with ``defect`` applied."""
     return spec_with(
@@ -142,8 +152,102 @@ CASES = {
         spec_with({"storage": "a_file/results"}, prepare=_write("a_file", "")),
         ("storage: cannot create", "a_file/results", "a_file is not a writable directory")),
     # ---- the spec file itself: size, bombs, nesting, encoding, syntax, duplicate keys (issue 12)
+    "spec_alias_bomb": Case(  # 9 levels of 9 aliases: 9**9 leaves once expanded
+        spec_text("name: t\n" + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'lol'] * 9)}]\n"
+                                        for i in range(9))),
+        ("spec.yaml:7:", "more than 100,000 YAML nodes once aliases (*name) are expanded", "(an alias bomb?)")),
+    "spec_deep_nesting": Case(
+        spec_text("name: t\nspace: " + "[" * 10_000), ("spec.yaml:2:57: nested deeper than 50 levels", "flatten it")),
+    "spec_over_1mb": Case(
+        spec_text("name: t\n#" + "x" * 1_000_000 + "\n"),
+        ("spec.yaml: larger than 1,000,000 bytes, the limit for a spec", "keep data and generated lists out of it")),
+    "spec_invalid_utf8": Case(
+        spec_text(b"name: t\nspace: {num_prompts: caf\xe9}\n"),
+        ("spec.yaml: not UTF-8 text: byte 0xe9 at byte offset 32 (line 2)", "save the spec as UTF-8")),
+    "spec_syntax_error": Case(
+        spec_text("name: t\nspace: {num_prompts: [1, 2\n"),
+        ("spec.yaml:3:1: not valid YAML: expected ',' or ']', but got '<stream end>'",)),
+    "spec_duplicate_key": Case(
+        spec_text("name: t\nspace:\n  num_prompts: {int: [1, 8]}\n  num_prompts: 4\n"),
+        ("spec.yaml:4:3: duplicate key 'num_prompts' (first at line 3)", "merge the two or delete one")),
+    "spec_set_duplicate_key": Case(
+        spec_with({}, "--set", "space.num_prompts={int: [1, 8], int: [2, 4]}"),
+        ("--set 'space.num_prompts={int: [1, 8], int: [2, 4]}':1:15: duplicate key 'int' (first at line 1)",)),
     # ---- the data stays inside its root: escapes, symlinks, bombs, loops, labels, duplicates, BOM (issue 12)
+    "data_entry_escapes_with_dotdot": Case(
+        vtab_task(_write("val200.txt", "images/teal.png 0\n../outside.png 1\n")),
+        ("data/toy/val200.txt:2: image path '../outside.png' leads to", "outside the task folder data/toy",
+         "move the image into the task folder")),
+    "data_entry_absolute": Case(
+        vtab_task(_write("train800.txt", "images/red.png 0\n/etc/passwd 1\nimages/blue.png 3\n")),
+        ("data/toy/train800.txt:2: image path '/etc/passwd' is absolute", "write it relative to the task folder data/toy")),
+    "data_symlink_outside": Case(  # in test.txt, which no trial reads before the search ends: checked up front
+        vtab_task(lambda task: (task / "images" / "link.png").symlink_to("/etc/passwd")
+                  or _write("test.txt", "images/teal.png 3\nimages/link.png 0\n")(task)),
+        ("data/toy/test.txt:2: image path 'images/link.png' leads through a symlink to",
+         "outside the task folder data/toy", "symlinks must point inside it too")),
+    "data_symlink_loop": Case(
+        vtab_task(lambda task: (task / "images" / "loop.png").symlink_to("loop.png")
+                  or _write("train800.txt", "images/red.png 0\nimages/loop.png 1\n")(task)),
+        ("data/toy/images/loop.png: cannot resolve the path (",
+         "listed in data/toy/train800.txt:2: fix the symlink or remove that entry")),
+    "data_decompression_bomb": Case(  # a PNG header declaring 14000 x 14000 1-bit pixels, and no pixel data
+        vtab_task(_write("images/blue.png", bytes.fromhex(
+            "89504e470d0a1a0a0000000d49484452000036b0000036b001000000008ca0c8c40000000049454e44ae426082"))),
+        ("data/toy/images/blue.png: refused as a possible decompression bomb (Image size (196000000 pixels)",
+         "listed in data/toy/train800.txt")),
+    "data_test_only_label": Case(
+        vtab_task(_write("test.txt", "images/teal.png 3\nimages/red.png 2\n")),
+        ("data/toy/test.txt:2: label 2 of red.png occurs nowhere in train800val200.txt",
+         "fix the label, or add training images of class 2 to train800val200.txt")),
+    "data_one_image_two_labels": Case(
+        vtab_task(_write("train800.txt", "images/red.png 0\nimages/blue.png 3\nimages/red.png 1\n")),
+        ("data/toy/train800.txt: the same image data/toy/images/red.png is listed with two labels, 0 (line 1) and 1 "
+         "(line 3)", "keep one entry with the right label")),
     # ---- preflight: weights files, MLflow URIs, resources, experiment names (issue 12)
+    "weights_text_safetensors": Case(
+        spec_with({"backbone.weights": "vit.safetensors"}, prepare=_write("vit.safetensors", "not weights\n")),
+        ("backbone.weights: vit.safetensors: not a readable safetensors file (SafetensorError",
+         "give a .safetensors file or a torch.save()d state dict of timm's vit_tiny_patch16_224")),
+    "weights_text_pth": Case(
+        spec_with({"backbone.weights": "vit.pth"}, prepare=_write("vit.pth", "not weights\n")),
+        ("backbone.weights: vit.pth: not a readable torch (weights_only=True) file",)),
+    "weights_list_pth": Case(
+        spec_with({"backbone.weights": "vit.pth"}, prepare=lambda cwd: torch.save([torch.zeros(2)], cwd / "vit.pth")),
+        ("backbone.weights: vit.pth: holds a Python list, not a state dict",)),
+    "weights_of_another_model": Case(
+        spec_with({"backbone.weights": "vit.pth"},
+                  prepare=lambda cwd: torch.save(torch.nn.Linear(2, 2).state_dict(), cwd / "vit.pth")),
+        ("backbone.weights: vit.pth: does not fit vit_tiny_patch16_224", "missing cls_token, pos_embed",
+         "unexpected weight, bias")),
+    "mlflow_uri_folder": Case(
+        spec_with({"tracking.mlflow_uri": "./mlruns"}),
+        ("tracking.mlflow_uri: ./mlruns is a file store (a folder), which MLflow 3 refuses",
+         "sqlite:///path/mlflow.db", "http://HOST:5000")),
+    "mlflow_uri_file_scheme": Case(
+        spec_with({"tracking.mlflow_uri": "file:///tmp/mlflow.db"}),
+        ("tracking.mlflow_uri: file:///tmp/mlflow.db is a file store", "sqlite:////tmp/mlflow.db")),
+    "mlflow_uri_unknown_scheme": Case(
+        spec_with({"tracking.mlflow_uri": "s3://bucket/mlflow"}),
+        ("tracking.mlflow_uri: s3://bucket/mlflow: MLflow has no tracking store for s3://", "sqlite:///")),
+    "worker_beyond_any_node": Case(
+        spec_with({"resources.cpus_per_worker": 1024}),
+        ("resources.cpus_per_worker: a worker asks for 1024 CPUs but this machine has",
+         "set resources.cpus_per_worker:")),
+    "trial_beyond_machine": Case(  # one CPU more than the machine has: each worker fits, all of them do not
+        spec_with({"resources.workers_per_trial": (os.cpu_count() or 1) + 1}),
+        ("resources.workers_per_trial:", "workers of 1 CPU each do not fit on this machine",
+         "set workers_per_trial:")),
+    # Storage is <cwd>/results, so an escape would land in the working directory, where the test looks.
+    "name_escapes_storage": Case(
+        spec_with({}, "--name", "../escape"),
+        ("--name '../escape': an experiment name is one folder name", "--storage")),
+    "name_with_slash": Case(spec_with({}, "--name", "a/b"), ("--name 'a/b': an experiment name is one folder name",)),
+    "name_dot_dot": Case(spec_with({}, "--name", ".."), ("--name '..': an experiment name", "not . or ..")),
+    "name_links_outside_storage": Case(
+        spec_with({}, "--name", "linked", prepare=lambda cwd: (cwd / "results").mkdir() or
+                  (cwd / "results" / "linked").symlink_to(cwd / "elsewhere")),
+        ("--name linked:", "is a link to", "outside the storage folder")),
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from PIL import Image
 
 from vpt_tune.data import cache, fgvc
 from vpt_tune.data.fgvc import AugmentedSplit, decode_split, load_split, num_classes, read_json, resize_size
+from vpt_tune.data.tasks import task_classes
 from vpt_tune.data.vtab import DataError, ImageSplit
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
@@ -74,11 +77,51 @@ def test_class_ids_are_remapped_consistently_across_splits(task):
     assert num_classes(task) == 3
 
 
-def test_remapping_uses_the_union_of_all_splits(task):
-    (task / "test.json").write_text(json.dumps({"001.a/t.png": 1, "003.c/s.png": 11}))  # id 1 only in test
-    assert num_classes(task) == 4
-    assert [label for _, label in read_json(task, "train")] == [2, 1, 3, 2]
-    assert [label for _, label in read_json(task, "test")] == [0, 3]
+def test_remapping_comes_from_train_ids(task):
+    (task / "val.json").write_text(json.dumps({"002.b/v.png": 3}))  # val lacks classes 7 and 11: no change
+    assert [label for _, label in read_json(task, "val")] == [0]
+    assert [label for _, label in read_json(task, "test")] == [1, 2]
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_custom_task_id_missing_from_train_is_an_error(task, split):
+    (task / f"{split}.json").write_text(json.dumps({"001.a/t.png": 7, "003.c/s.png": 5}))
+    with pytest.raises(DataError) as err:
+        num_classes(task)
+    assert str(err.value) == (
+        f"{task}/{split}.json: label 5 of s.png occurs nowhere in train.json, so the model cannot learn it: "
+        "fix the label, or add training images of class 5 to train.json (a custom task's classes are those of "
+        "its training list)"
+    )
+
+
+def test_known_task_has_the_benchmark_classes_and_may_miss_some_in_training(task, caplog):
+    cub = task.rename(task.parent / "CUB_200_2011")  # a known FGVC task (an alias of cub)
+    (cub / "test.json").write_text(json.dumps({"001.a/t.png": 1, "003.c/s.png": 11}))  # id 1 only in test
+    with caplog.at_level(logging.WARNING, logger="vpt_tune.data.vtab"):
+        assert task_classes("fgvc", cub) == 200
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{cub}/test.json: labels that no entry of train.json has: 1 (1 of 2 entries); "
+        "the model cannot learn those classes"
+    ]
+    # train's ids keep their labels; the id train lacks comes after them
+    assert [label for _, label in read_json(cub, "train")] == [1, 0, 2, 1]
+    assert [label for _, label in read_json(cub, "test")] == [3, 2]
+
+
+def test_known_task_with_more_ids_than_classes(tmp_path):
+    flowers = tmp_path / "oxford_flowers"  # 102 classes
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (flowers / "images").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(flowers / "images" / "0.png")
+    (flowers / "train.json").write_text(json.dumps({f"{i}.png": i + 1 for i in range(103)}))  # ids 1..103
+    with pytest.raises(DataError) as err:
+        task_classes("fgvc", flowers)
+    assert str(err.value) == (
+        f"{flowers}/train.json: label 102 of 102.png is out of range [0, 102) (oxford_flowers is the FGVC task "
+        "with 102 classes, and its 103 class ids take the labels 0..102 in sorted order; a custom task needs "
+        "another folder name): fix the label"
+    )
 
 
 # ---------------------------------------------------------------- eval: VPT's resize + center crop
@@ -264,6 +307,111 @@ def test_corrupt_image(task, content):
 def test_label_out_of_range(task):
     with pytest.raises(DataError, match=r"train\.json.*label 2 of z\.png"):
         load_split(task, "train", S, MEAN, STD, classes=2, train=True)
+
+
+# ---------------------------------------------------------------- the data stays inside its task folder
+
+
+def _with_key(task: Path, key: str, split: str = "train") -> None:
+    """Add ``key`` (class 7) after the first entry of ``split``.json."""
+    data = json.loads((task / f"{split}.json").read_text())
+    first = next(iter(data.items()))
+    (task / f"{split}.json").write_text(json.dumps(dict([first, (key, 7), *list(data.items())[1:]])))
+
+
+@pytest.mark.parametrize(
+    "key, problem",
+    [
+        ("../../outside.png", "leads to {outside}, outside the task folder {task}"),  # images/ is the image root
+        ("/etc/passwd", "is absolute; write it relative to the task folder {task}"),
+    ],
+)
+def test_keys_outside_the_task_folder_are_refused(task, monkeypatch, key, problem):
+    Image.new("RGB", (4, 4)).save(task.parent / "outside.png")
+    _with_key(task, key, "test")
+    monkeypatch.setattr(fgvc, "decode_image", lambda *args: pytest.fail("an image was decoded"))
+    with pytest.raises(DataError) as err:
+        num_classes(task)  # the search's data check: test.json is checked before anything is decoded
+    assert str(err.value).startswith(
+        f"{task}/test.json: image path {key!r} " + problem.format(outside=task.parent / "outside.png", task=task))
+
+
+def test_parent_of_the_image_root_is_still_inside(task):
+    Image.new("RGB", (4, 4)).save(task / "extra.png")
+    _with_key(task, "../extra.png")  # images/../extra.png: in the task folder, the bound
+    assert read_json(task, "train")[1] == (task / "images" / "../extra.png", 1)
+
+
+def test_symlinks_are_refused_outside_and_accepted_inside(task, tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "outside.png")
+    (task / "images" / "001.a" / "out.png").symlink_to(tmp_path / "outside.png")
+    _noise((9, 9), seed=9).save(task / "images" / "unlisted.png")
+    (task / "images" / "001.a" / "in.png").symlink_to("../unlisted.png")
+    _with_key(task, "001.a/in.png")
+    assert read_json(task, "train")[1] == (task / "images" / "001.a/in.png", 1)
+    _with_key(task, "001.a/out.png", "val")
+    with pytest.raises(DataError) as err:
+        read_json(task, "train")
+    assert str(err.value).startswith(
+        f"{task}/val.json: image path '001.a/out.png' leads through a symlink to {tmp_path / 'outside.png'}, "
+        f"outside the task folder {task}")
+
+
+def test_symlink_loop_is_one_line_naming_image_and_list(task):
+    (task / "images" / "001.a" / "loop.png").symlink_to("loop.png")
+    _with_key(task, "001.a/loop.png")
+    with pytest.raises(DataError) as err:
+        read_json(task, "train")
+    message = str(err.value)
+    assert message.startswith(f"{task}/images/001.a/loop.png: cannot resolve the path (")
+    assert message.endswith(f"; listed in {task}/train.json: fix the symlink or remove that entry")
+
+
+@pytest.mark.parametrize("side", [11, 20])  # over MAX_IMAGE_PIXELS (Pillow warns) and over twice it (Pillow refuses)
+def test_images_over_the_pixel_limit_are_refused(task, monkeypatch, side):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (side, side)).save(task / "images" / "001.a" / "big.png")
+    (task / "val.json").write_text(json.dumps({"001.a/big.png": 7}))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(DataError) as err:
+        warnings.simplefilter("always")
+        load_split(task, "val", S, MEAN, STD, classes=3, train=False)
+    assert not caught  # Pillow's DecompressionBombWarning became the error, it did not slip out as a warning
+    message = str(err.value)
+    assert message.startswith(f"{task}/images/001.a/big.png: refused as a possible decompression bomb (")
+    assert f"{side * side} pixels" in message
+    assert message.endswith(f"listed in {task}/val.json: fix or remove that entry")
+
+
+def test_repeated_key_with_two_ids_is_an_error(task):
+    (task / "train.json").write_text('{"001.a/x.png": 7, "002.b/y.png": 3, "003.c/z.png": 11, "001.a/x.png": 3}')
+    with pytest.raises(DataError) as err:
+        num_classes(task)
+    assert str(err.value) == (
+        f"{task}/train.json: the same image {task}/images/001.a/x.png is listed with two labels, 7 (key "
+        "'001.a/x.png') and 3 (key '001.a/x.png'); keep one entry with the right label"
+    )
+
+
+def test_repeated_key_with_one_id_is_a_warning(task, caplog):
+    (task / "train.json").write_text('{"001.a/x.png": 7, "002.b/y.png": 3, "003.c/z.png": 11, "./001.a/x.png": 7}')
+    with caplog.at_level(logging.WARNING, logger="vpt_tune.data.vtab"):
+        assert [label for _, label in read_json(task, "train")] == [1, 0, 2, 1]
+    assert [record.getMessage() for record in caplog.records] == [(
+        f"{task}/train.json: an image is listed twice with the same label, so it counts twice: "
+        f"{task}/images/001.a/x.png (key '001.a/x.png' and key './001.a/x.png'); remove the repeated entries"
+    )]
+
+
+def test_byte_order_mark_is_accepted(task):
+    (task / "val.json").write_text("\ufeff" + json.dumps({"002.b/v.png": 3}), encoding="utf-8")
+    assert read_json(task, "val") == [(task / "images/002.b/v.png", 0)]
+
+
+def test_json_that_is_not_utf8_is_one_line(task):
+    (task / "val.json").write_bytes(b'{"002.b/v.png": 3,\n "caf\xe9.png": 7}')
+    with pytest.raises(DataError) as err:
+        read_json(task, "val")
+    assert str(err.value) == f"{task}/val.json:2: not valid UTF-8 (byte 0xe9); save the file as UTF-8"
 
 
 # ---------------------------------------------------------------- a trial on FGVC

@@ -289,7 +289,7 @@ def test_kv_prompts_reach_the_job_and_its_cost(tmp_path):
     trial = study.ask()
     config = {**DefineByRun(spec.space)(trial), **trial.params}
     assert 1 <= config["kv_prompts"] <= 8
-    for split in ("train800val200", "test"):  # a 10-class task folder (labels only)
+    for split in ("train800", "val200", "train800val200", "test"):  # a 10-class task folder (labels only)
         (tmp_path / f"{split}.txt").write_text("a.jpg 0\nb.jpg 9\n")
     job = make_job(spec, str(tmp_path), {**config, "kv_prompts": 5})
     assert (job.kv_shared, job.kv_position) == (False, "append")

@@ -1,10 +1,17 @@
 """The FGVC layout of VPT (CUB, NABirds, Oxford Flowers, Stanford Dogs, Stanford Cars): JSON splits.
 
-``<task_dir>/{train,val,test}.json`` each map ``relative/image/path`` to a class id; ids (ints or
-strings of ints, CUB's start at 1) are remapped to 0..C-1 by sorted order of the ids of all three
-files, so a class gets the same label in every split (VPT maps each file's own ids, which is the
-same when every split holds every class). Images live under ``images/`` (CUB, NABirds), ``Images/``
-(Stanford Dogs) or the task folder itself (Cars, Flowers); the root is detected.
+``<task_dir>/{train,val,test}.json`` (UTF-8, a BOM is accepted) each map ``relative/image/path`` to a
+class id. Images live under ``images/`` (CUB, NABirds), ``Images/`` (Stanford Dogs) or the task folder
+itself (Cars, Flowers); the root is detected. Paths must stay inside the task folder, and a key
+repeated with two ids is an error (with one id, a warning), as for VTAB-1k (:mod:`vpt_tune.data.vtab`).
+
+Class ids (ints or strings of ints, CUB's start at 1) are remapped to 0..C-1 by the sorted order of
+train.json's ids, so a class gets the same label in every split. A custom task's classes are those
+of train.json: an id that only val.json or test.json has is an error. A known FGVC task (by folder
+name, see :mod:`vpt_tune.data.tasks`) has the benchmark's number of classes; an id its train.json
+lacks is a warning and takes the labels after train.json's (in sorted order), and every label must
+be below that number. (VPT maps each file's own ids, which is the same when train.json holds every
+class.)
 
 VPT's transforms: resize the shorter side to R (256 for S = 224), then a random S crop and a
 horizontal flip for training, a center crop for evaluation. Decoding dominates a small trial, so
@@ -24,10 +31,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vpt_tune.data.cache import decoded_key, load_decoded, save_decoded
-from vpt_tune.data.vtab import Batched, DataError, ImageSplit
+from vpt_tune.data.vtab import (
+    Batched,
+    DataError,
+    Entry,
+    ImageSplit,
+    check_range,
+    check_trained,
+    checked_entries,
+    open_image,
+    read_text,
+)
 
 SPLITS = ("train", "val", "test")
 IMAGE_ROOTS = ("images", "Images", ".")
@@ -38,22 +55,26 @@ def resize_size(img_size: int) -> int:
     return img_size * 256 // 224
 
 
-def _read_ids(json_file: Path) -> dict[str, int]:
-    """The ``{relative path: class id}`` mapping of one split file, ids as ints (not yet remapped)."""
+class _Object(list):
+    """A JSON object as its ``(key, value)`` pairs in file order, repeated keys kept (``object_pairs_hook``)."""
+
+
+def _read_ids(json_file: Path) -> list[tuple[str, int]]:
+    """The ``(relative path, class id)`` pairs of one split file in file order, ids as ints (not yet remapped)."""
     if not json_file.is_file():
         raise DataError(
             f"{json_file}: split file missing (expected the FGVC layout {'/'.join(SPLITS)}.json, "
             "each a JSON object {\"relative/image/path\": class_id})"
         )
     try:
-        data = json.loads(json_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(read_text(json_file), object_pairs_hook=_Object)
+    except json.JSONDecodeError as err:
         raise DataError(f"{json_file}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
+    if not isinstance(data, _Object):
         raise DataError(f"{json_file}: expected a JSON object {{\"relative/image/path\": class_id}}, "
                         f"got a {type(data).__name__}")
-    ids = {}
-    for path, value in data.items():
+    ids = []
+    for path, value in data:
         if isinstance(value, str):
             try:
                 value = int(value)
@@ -61,17 +82,8 @@ def _read_ids(json_file: Path) -> dict[str, int]:
                 pass
         if not isinstance(value, int) or isinstance(value, bool):
             raise DataError(f"{json_file}: the class id of {path!r} must be an integer, got {value!r}")
-        ids[path] = value
+        ids.append((path, value))
     return ids
-
-
-def _class_map(task_dir: Path) -> dict[int, int]:
-    """Original class id -> contiguous label, by sorted order of the ids of every split file present."""
-    ids = set()
-    for split in SPLITS:
-        if (task_dir / f"{split}.json").is_file():
-            ids.update(_read_ids(task_dir / f"{split}.json").values())
-    return {class_id: label for label, class_id in enumerate(sorted(ids))}
 
 
 def image_root(task_dir: Path, split: str, first: str) -> Path:
@@ -87,22 +99,61 @@ def image_root(task_dir: Path, split: str, first: str) -> Path:
     )
 
 
-def read_json(task_dir: Path, split: str) -> list[tuple[Path, int]]:
-    """Parse ``<task_dir>/<split>.json`` into (image path, contiguous label) pairs, in file order."""
+def _read_entries(task_dir: Path, split: str) -> list[Entry]:
+    """The checked entries of ``<task_dir>/<split>.json``, labels still the original class ids."""
     json_file = task_dir / f"{split}.json"
     ids = _read_ids(json_file)
     if not ids:
         raise DataError(f"{json_file}: the split is empty; map each image path to its class id")
-    labels = _class_map(task_dir)
-    root = image_root(task_dir, split, next(iter(ids)))
-    return [(root / path, labels[class_id]) for path, class_id in ids.items()]
+    root = image_root(task_dir, split, ids[0][0])
+    return checked_entries(json_file, task_dir, [(None, root, path, class_id) for path, class_id in ids])
 
 
-def num_classes(task_dir: Path) -> int:
-    """Number of classes of a task: the distinct class ids over its train, val and test files."""
-    if not any((task_dir / f"{split}.json").is_file() for split in SPLITS):
-        _read_ids(task_dir / "train.json")  # raises the missing-file error naming the layout
-    return len(_class_map(task_dir))
+def _read_splits(task_dir: Path, split: str = "train") -> dict[str, list[Entry]]:
+    """The entries of every split file present; train.json's and ``split``'s must exist."""
+    return {
+        name: _read_entries(task_dir, name)
+        for name in SPLITS if name in ("train", split) or (task_dir / f"{name}.json").is_file()
+    }
+
+
+def _class_map(splits: dict[str, list[Entry]]) -> dict[int, int]:
+    """Original class id -> contiguous label: train's ids in sorted order, then those only other splits have."""
+    trained = sorted({entry.label for entry in splits["train"]})
+    others = sorted({entry.label for entries in splits.values() for entry in entries} - set(trained))
+    return {class_id: label for label, class_id in enumerate(trained + others)}
+
+
+def read_json(task_dir: Path, split: str) -> list[tuple[Path, int]]:
+    """Parse ``<task_dir>/<split>.json`` into (image path, contiguous label) pairs, in file order.
+
+    Every split file is read (the labels depend on train.json's ids); see the module for what is refused.
+    """
+    splits = _read_splits(task_dir, split)
+    labels = _class_map(splits)
+    return [(path, labels[class_id]) for path, class_id, _ in splits[split]]
+
+
+def num_classes(task_dir: Path, known: int | None = None) -> int:
+    """Number of classes of the task at ``task_dir``, once all its split files are checked.
+
+    ``known``: the class count of a known benchmark task; every label must be below it, and a class id
+    that train.json lacks is a warning. Otherwise (a custom task) the distinct class ids of train.json;
+    an id that only val.json or test.json has is an error.
+    """
+    splits = _read_splits(task_dir)
+    trained = {entry.label for entry in splits["train"]}
+    for split, entries in splits.items():
+        if split != "train":
+            check_trained(task_dir / f"{split}.json", entries, task_dir / "train.json", trained, known is None)
+    if known is None:
+        return len(trained)
+    labels = _class_map(splits)
+    why = (f"{task_dir.name} is the FGVC task with {known} classes, and its {len(labels)} class ids take the labels "
+           f"0..{len(labels) - 1} in sorted order; a custom task needs another folder name")
+    for split, entries in splits.items():
+        check_range(task_dir / f"{split}.json", [(path, labels[class_id]) for path, class_id, _ in entries], known, why)
+    return known
 
 
 def decode_image(path: Path, size: int, crop: int) -> np.ndarray:
@@ -113,19 +164,14 @@ def decode_image(path: Path, size: int, crop: int) -> np.ndarray:
     the whole image; training crops then move within the square (up to R - S pixels each way)
     instead of along the whole long side.
     """
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-            width, height = rgb.size
-            if width <= height:  # the long side is truncated, like torchvision's Resize(int)
-                new = (size, max(size, int(size * height / width)))
-            else:
-                new = (max(size, int(size * width / height)), size)
-            rgb = rgb.resize(new, Image.BILINEAR)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image does not exist") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: unreadable or corrupt image ({err})") from None
+    with open_image(path) as img:
+        rgb = img.convert("RGB")
+        width, height = rgb.size
+        if width <= height:  # the long side is truncated, like torchvision's Resize(int)
+            new = (size, max(size, int(size * height / width)))
+        else:
+            new = (max(size, int(size * width / height)), size)
+        rgb = rgb.resize(new, Image.BILINEAR)
     # torchvision's CenterCrop offset on the whole image, minus center_crop's offset within the square
     left = round((new[0] - crop) / 2) - round((size - crop) / 2)
     top = round((new[1] - crop) / 2) - round((size - crop) / 2)
@@ -151,9 +197,7 @@ def decode_split(task_dir: Path, split: str, img_size: int, classes: int) -> tup
     Every image is checked (exists, decodes, label < ``classes``); the result is cached on disk.
     """
     entries = read_json(task_dir, split)
-    for path, label in entries:
-        if label >= classes:
-            raise DataError(f"{task_dir / split}.json: label {label} of {path.name} is out of range [0, {classes})")
+    check_range(task_dir / f"{split}.json", entries, classes)
     size = resize_size(img_size)
     key = _key(entries, size, img_size)
     images = load_decoded(key)

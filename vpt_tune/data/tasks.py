@@ -155,9 +155,12 @@ def find_task_dir(root: Path, benchmark: str, task: str) -> Path | None:
 
 
 def task_classes(benchmark: str, task_dir: Path) -> int:
-    """Number of classes of the task at ``task_dir``, read from its split files."""
-    get_benchmark(benchmark)
-    return fgvc.num_classes(task_dir) if benchmark == "fgvc" else vtab.num_classes(task_dir)
+    """Number of classes of the task at ``task_dir``, once its split files are checked: the benchmark's
+    count for a known task (folder named as the task or an alias), else counted from its training lists."""
+    bench = get_benchmark(benchmark)
+    canonical = bench.canonical(task_dir.name)
+    known = bench.tasks[canonical] if canonical else None
+    return fgvc.num_classes(task_dir, known) if benchmark == "fgvc" else vtab.num_classes(task_dir, known)
 
 
 def task_split(
