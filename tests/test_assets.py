@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from vpt_tune.data import assets
 
+pytestmark = pytest.mark.slow  # the real backbone's download and conversion
+
 
 def _quiet(_message: str) -> None:
     pass

@@ -1,4 +1,6 @@
-"""Issue 5's bad-input catalogue, end to end through ``python -m vpt_tune.cli search``.
+"""The bad-input catalogue (issues 5 and 12), end to end through ``python -m vpt_tune.cli search``:
+the spec file and its values, the data (paths outside the task folder, bombs, loops, labels,
+duplicates), the backbone, resources, tracking, storage and names; and Ctrl-C, then resume.
 
 Every mistake is refused before Ray starts: exit code 2, one line naming the file/key/value and the
 fix, no traceback (``--debug`` shows it), and nothing written in the working directory (no experiment
@@ -11,21 +13,32 @@ test checks one outcome.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+import pandas as pd
 import pytest
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
+from conftest import assert_front
 from test_cli import vpt_tune
 from test_data import _write_task
+from test_resume import _cli, _spec_file
 from test_search import small_spec
+
+pytestmark = pytest.mark.slow  # each case runs the real CLI (imports of Ray, torch, timm, MLflow)
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -314,3 +327,83 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback (most recent call last)" in proc.stderr and "SpecError" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("vpt-tune: error: spec.yaml")
     assert sorted(_files(tmp_path)) == ["spec.yaml"]
+
+
+# ---------------------------------------------------------------- Ctrl-C, then resume (issue 12)
+
+def _reports(experiment: Path) -> list[list[dict]]:
+    """Every trial's reports so far (its result.json lines, written as it reports; the last one does not
+    say ``done``: Tune marks that only in its own state), one list per trial of the search."""
+    trials = []
+    for path in (experiment / "search").glob("*/result.json"):
+        lines = path.read_text().splitlines()
+        trials.append([json.loads(line) for line in lines if line.strip()])
+    return trials
+
+
+def test_ctrl_c_stops_the_search_truthfully_and_resume_finishes_each_trial_once(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while one trial has finished and another is mid-way:
+    exit 130 with the count and the resume command, the stopped trial recorded as interrupted (never on a
+    front, its MLflow run KILLED, the search run KILLED); then `vpt-tune resume` finishes every trial once,
+    telling Optuna each result once."""
+    trials = 3
+    spec = _spec_file(tmp_path, trials, epochs=6)
+    experiment = tmp_path / "results" / "ctrl-c"
+    proc = _cli("search", spec, "--name", "ctrl-c", cwd=tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # the terminal's view
+    reader.start()
+    deadline = time.monotonic() + 600
+
+    def ready() -> bool:  # Tune counts one trial complete, another one is past its first epoch
+        completed = any("[digits] 1/3 trials" in line and "val_acc" in line for line in list(lines))
+        last_epochs = [r[-1]["epoch"] for r in _reports(experiment) if r] if (experiment / "search").is_dir() else []
+        return completed and any(1 <= epoch < 6 for epoch in last_epochs)
+
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None and ready(), "the search ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    proc.wait(timeout=300)
+    reader.join(timeout=60)
+    out = "".join(lines)
+    assert proc.returncode == 130, out[-3000:]
+    line = next(line for line in out.splitlines() if line.startswith("vpt-tune: interrupted:"))
+    finished_before = int(line.split("interrupted: ")[1].split(" of ")[0])
+    assert 1 <= finished_before < trials and f"of {trials} trials finished" in line, line
+    assert f"vpt-tune resume {experiment}" in line
+    assert "finished" not in out.split(line)[1]  # no summary claiming the search finished
+
+    table = pd.read_parquet(experiment / "trials.parquet")
+    assert (table["status"] == "finished").sum() == finished_before
+    stopped = table[table["status"] == "interrupted"]
+    assert len(stopped) >= 1 and table.loc[table["status"] == "finished", "val_acc"].notna().all()
+    assert_front(table)  # the finished trials' front; the stopped ones are never on it
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.get_experiment_by_name("test").experiment_id
+    runs = client.search_runs([experiment_id], max_results=1000)
+    search_run = next(r for r in runs if "task" not in r.data.tags)
+    assert search_run.info.status == "KILLED"
+    stopped_runs = [r for r in runs if r.data.tags.get("trial_id") in set(stopped["trial_id"])]
+    assert stopped_runs and all(r.data.tags["status"] == "interrupted" and r.info.status == "KILLED"
+                                for r in stopped_runs)
+
+    proc = _cli("resume", str(experiment), cwd=tmp_path)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Cannot tell" not in out
+    table = pd.read_parquet(experiment / "trials.parquet")
+    assert len(table) == trials and table["trial_id"].is_unique and (table["status"] == "finished").all()
+    assert set(stopped["trial_id"]) <= set(table["trial_id"])  # the stopped trials continued, not replaced
+    study = optuna.load_study(
+        study_name="digits",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))),
+    )
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE] * trials, states
+    runs = client.search_runs([experiment_id], max_results=1000)
+    assert next(r for r in runs if "task" not in r.data.tags).info.status == "FINISHED"
+    trial_runs = [r for r in runs if "trial_id" in r.data.tags]
+    assert sorted(r.data.tags["trial_id"] for r in trial_runs) == sorted(table["trial_id"])
+    assert all(r.data.tags["status"] == "finished" and r.info.status == "FINISHED" for r in trial_runs)

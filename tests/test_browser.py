@@ -18,6 +18,8 @@ from vpt_tune.search.pareto import front_figure, pareto_mask
 
 from conftest import require
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

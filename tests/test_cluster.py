@@ -24,6 +24,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # two-node Ray clusters
+
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
 
 

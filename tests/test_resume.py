@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -136,6 +135,7 @@ def _pids(needle: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_driver_killed_at_a_random_moment_resumes_to_the_uninterrupted_results(tmp_path):
     import pandas as pd
     from mlflow.tracking import MlflowClient
@@ -194,6 +194,7 @@ def test_driver_killed_at_a_random_moment_resumes_to_the_uninterrupted_results(t
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == trials + 1
 
 
+@pytest.mark.slow
 def test_killed_train_worker_restarts_from_its_last_epoch(tmp_path):
     import pandas as pd
 
@@ -224,84 +225,3 @@ def test_killed_train_worker_restarts_from_its_last_epoch(tmp_path):
     startups = {r["startup_seconds"] for r in reports}
     assert len(startups) == 1, startups  # the restart keeps the first start-up, not the time since it
 
-
-def _reports(experiment: Path) -> list[list[dict]]:
-    """Every trial's reports so far (its result.json lines, written as it reports; the last one does not
-    say ``done``: Tune marks that only in its own state), one list per trial of the search."""
-    trials = []
-    for path in (experiment / "search").glob("*/result.json"):
-        lines = path.read_text().splitlines()
-        trials.append([json.loads(line) for line in lines if line.strip()])
-    return trials
-
-
-def test_ctrl_c_stops_the_search_truthfully_and_resume_finishes_each_trial_once(tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group) while one trial has finished and another is mid-way:
-    exit 130 with the count and the resume command, the stopped trial recorded as interrupted (never on a
-    front, its MLflow run KILLED, the search run KILLED); then `vpt-tune resume` finishes every trial once,
-    telling Optuna each result once."""
-    import pandas as pd
-    from mlflow.tracking import MlflowClient
-
-    trials = 3
-    spec = _spec_file(tmp_path, trials, epochs=6)
-    experiment = tmp_path / "results" / "ctrl-c"
-    proc = _cli("search", spec, "--name", "ctrl-c", cwd=tmp_path)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # the terminal's view
-    reader.start()
-    deadline = time.monotonic() + 600
-
-    def ready() -> bool:  # Tune counts one trial complete, another one is past its first epoch
-        completed = any("[digits] 1/3 trials" in line and "val_acc" in line for line in list(lines))
-        last_epochs = [r[-1]["epoch"] for r in _reports(experiment) if r] if (experiment / "search").is_dir() else []
-        return completed and any(1 <= epoch < 6 for epoch in last_epochs)
-
-    while not ready() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None and ready(), "the search ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    proc.wait(timeout=300)
-    reader.join(timeout=60)
-    out = "".join(lines)
-    assert proc.returncode == 130, out[-3000:]
-    line = next(line for line in out.splitlines() if line.startswith("vpt-tune: interrupted:"))
-    finished_before = int(line.split("interrupted: ")[1].split(" of ")[0])
-    assert 1 <= finished_before < trials and f"of {trials} trials finished" in line, line
-    assert f"vpt-tune resume {experiment}" in line
-    assert "finished" not in out.split(line)[1]  # no summary claiming the search finished
-
-    table = pd.read_parquet(experiment / "trials.parquet")
-    assert (table["status"] == "finished").sum() == finished_before
-    stopped = table[table["status"] == "interrupted"]
-    assert len(stopped) >= 1 and not stopped["pareto"].any()
-    assert table.loc[table["status"] == "finished", "val_acc"].notna().all()
-    assert table["pareto"].any()  # the finished trials form a front
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment_id = client.get_experiment_by_name("test").experiment_id
-    runs = client.search_runs([experiment_id], max_results=1000)
-    search_run = next(r for r in runs if "task" not in r.data.tags)
-    assert search_run.info.status == "KILLED"
-    stopped_runs = [r for r in runs if r.data.tags.get("trial_id") in set(stopped["trial_id"])]
-    assert stopped_runs and all(r.data.tags["status"] == "interrupted" and r.info.status == "KILLED"
-                                for r in stopped_runs)
-
-    proc = _cli("resume", str(experiment), cwd=tmp_path)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
-    assert "Cannot tell" not in out
-    table = pd.read_parquet(experiment / "trials.parquet")
-    assert len(table) == trials and table["trial_id"].is_unique and (table["status"] == "finished").all()
-    assert set(stopped["trial_id"]) <= set(table["trial_id"])  # the stopped trials continued, not replaced
-    study = optuna.load_study(
-        study_name="digits",
-        storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))),
-    )
-    states = [t.state for t in study.get_trials()]
-    assert states == [optuna.trial.TrialState.COMPLETE] * trials, states
-    runs = client.search_runs([experiment_id], max_results=1000)
-    assert next(r for r in runs if "task" not in r.data.tags).info.status == "FINISHED"
-    trial_runs = [r for r in runs if "trial_id" in r.data.tags]
-    assert sorted(r.data.tags["trial_id"] for r in trial_runs) == sorted(table["trial_id"])
-    assert all(r.data.tags["status"] == "finished" and r.info.status == "FINISHED" for r in trial_runs)

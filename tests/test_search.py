@@ -21,6 +21,8 @@ from vpt_tune.spec import SpecError, load_spec, validate
 
 from conftest import assert_front
 
+pytestmark = pytest.mark.slow  # real Ray searches
+
 
 @pytest.fixture(scope="module")
 def local_ray():
