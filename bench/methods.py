@@ -1,5 +1,6 @@
 """The papers' comparison on the demo: VPT with T prompts, VPT trained directly with the condensed
-count, Prompt Condensation from T to that count, E²VPT (with and without pruning), SPT init.
+count, Prompt Condensation from T to that count, E²VPT (without pruning, and pruned with the authors'
+and with our scoring and rewind: ``e2vpt.prune_scoring``), SPT init.
 
 Every method trains the same demo backbone on the same demo task for the same total number of
 epochs (PC: training + condensation fine-tuning; E²VPT pruning: training + retraining), over
@@ -28,6 +29,7 @@ CPU = torch.device("cpu")
 def methods(prompts: int, keep: int, epochs: int) -> dict[str, dict]:
     """Method name -> (trial params, job options); every method totals ``epochs`` epochs."""
     ratio = 1 - keep / prompts
+    pruned = {"num_prompts": prompts, "kv_prompts": keep, "token_prune_ratio": ratio, "segment_prune_ratio": 0.25}
     return {
         f"VPT T={prompts}": ({"num_prompts": prompts}, {}),
         f"VPT T={keep}": ({"num_prompts": keep}, {}),
@@ -35,9 +37,9 @@ def methods(prompts: int, keep: int, epochs: int) -> dict[str, dict]:
             {"num_prompts": prompts, "condensation_ratio": ratio}, {"epochs": epochs - 1, "condense_epochs": 1}),
         f"SPT init T={keep}": ({"num_prompts": keep, "prompt_init": "spt_random"}, {}),
         f"E2VPT T={keep} kv={keep}": ({"num_prompts": keep, "kv_prompts": keep}, {}),
-        f"E2VPT T={prompts} kv={keep} pruned->{keep}": (
-            {"num_prompts": prompts, "kv_prompts": keep, "token_prune_ratio": ratio, "segment_prune_ratio": 0.25},
-            {"epochs": epochs - 1, "prune_epochs": 1}),
+        **{f"E2VPT T={prompts} kv={keep} pruned->{keep} {scoring}": (
+            pruned, {"epochs": epochs - 1, "prune_epochs": 1, "prune_scoring": scoring})
+           for scoring in ("authors", "ours")},
     }
 
 
@@ -72,12 +74,12 @@ def main() -> None:
             "gflops": metrics["gflops"], "trainable_params": metrics["trainable_params"],
             "seconds_per_run": (time.monotonic() - started) / len(args.seeds),
         })
-        print(f"{name:34s} val_acc {rows[-1]['val_acc']:.3f} ± {rows[-1]['std']:.3f}", flush=True)
+        print(f"{name:40s} val_acc {rows[-1]['val_acc']:.3f} ± {rows[-1]['std']:.3f}", flush=True)
 
     print(f"\n{args.task}, {args.img_size} px, {args.epochs} epochs per method, seeds {args.seeds}")
-    print(f"{'method':34s} {'val_acc':>13s} {'tokens':>7s} {'kv':>4s} {'GFLOPs':>7s} {'params':>8s} {'s/run':>6s}")
+    print(f"{'method':40s} {'val_acc':>13s} {'tokens':>7s} {'kv':>4s} {'GFLOPs':>7s} {'params':>8s} {'s/run':>6s}")
     for r in rows:
-        print(f"{r['method']:34s} {r['val_acc']:.3f} ± {r['std']:.3f} {r['prompt_tokens']:7.2f} {r['kv_tokens']:4.0f} "
+        print(f"{r['method']:40s} {r['val_acc']:.3f} ± {r['std']:.3f} {r['prompt_tokens']:7.2f} {r['kv_tokens']:4.0f} "
               f"{r['gflops']:7.3f} {r['trainable_params']:8d} {r['seconds_per_run']:6.1f}")
     print(json.dumps({"task": args.task, "epochs": args.epochs, "seeds": args.seeds, "rows": rows}))
 

@@ -271,6 +271,27 @@ def test_only_prompts_and_head_get_gradients(small_vit, images, placement):
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+# ---------------------------------------------------------------- saving and loading
+
+
+def test_load_trainable_keeps_the_model_dtype(make_vit, images):
+    """A float64 model saved and loaded into another float64 model: float64 prompts, masks and gates
+    (not rebuilt in float32) and the same logits."""
+    counts = prompt_counts(T, "deep", L)
+    torch.manual_seed(0)
+    saved = PromptedViT(make_vit(), 3, counts, kv_counts=[1] * L, gated=True).double()
+    with torch.no_grad():
+        for param in saved.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))  # "trained", gates included
+    saved.prompts.masks.register_buffer("1", (torch.rand(T, saved.prompts.embed_dim) > 0.5).double())
+    logits = saved(images.double())
+    loaded = PromptedViT(make_vit(), 3, counts, kv_counts=[1] * L).double().load_trainable(saved.trainable_state())
+    assert loaded.prompts.gated and loaded.prompts.mask(1) is not None
+    assert {t.dtype for t in loaded.prompts.state_dict().values()} == {torch.float64}
+    assert torch.equal(loaded(images.double()), logits)
+
+
 # ---------------------------------------------------------------- other ViT families and sizes
 
 

@@ -9,13 +9,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vpt_tune.models.backbone import freeze
-from vpt_tune.models.kv_prompts import KVPosition, add_kv_prompts
+from vpt_tune.models.kv_prompts import KVPosition, KVPrompts, add_kv_prompts
 from vpt_tune.models.prompts import VisualPrompts, uniform_init_bound
 
 
 class PromptedViT(nn.Module):
     """Frozen ``backbone`` + :class:`VisualPrompts` (``counts`` fresh prompts per block) + linear head,
-    optionally + E²VPT :class:`KVPrompts` (``kv_counts`` key/value prompts per block, None = none).
+    optionally + E²VPT :class:`KVPrompts` (``kv_counts`` key/value prompts per block, None = none)
+    and E²VPT gates on the visual prompts (``gated``, see :class:`VisualPrompts`).
 
     Sequence layout per block: ``[prefix (class + register tokens), prompts, patches]``; prompts
     carry no position embedding. Blocks with KV prompts get a :class:`KVPromptedAttention` as
@@ -31,6 +32,7 @@ class PromptedViT(nn.Module):
         kv_counts: Sequence[int] | None = None,
         kv_shared: bool = True,
         kv_position: KVPosition = "prepend",
+        gated: bool = False,
     ):
         super().__init__()
         depth = len(backbone.blocks)
@@ -39,28 +41,43 @@ class PromptedViT(nn.Module):
             if len(given) != depth:
                 raise ValueError(f"need one {name} count per block ({depth}), got {len(given)}")
         self.backbone = freeze(backbone)
-        patch = backbone.patch_embed.patch_size[0]
-        self.prompts = VisualPrompts(
-            counts, backbone.embed_dim, uniform_init_bound(patch, backbone.embed_dim), prompt_dropout
-        )
+        self.prompts = VisualPrompts(counts, backbone.embed_dim, self.init_bound, prompt_dropout, gated=gated)
         self.kv_prompts = add_kv_prompts(backbone, kv_counts, kv_shared, kv_position)
-        self.head = nn.Linear(backbone.embed_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = _new_head(backbone.embed_dim, num_classes)
+
+    @property
+    def init_bound(self) -> float:
+        """VPT's uniform init bound of the visual prompts for this backbone."""
+        return uniform_init_bound(self.backbone.patch_embed.patch_size[0], self.backbone.embed_dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> "PromptedViT":
+        """Draw the visual prompts, KV prompts and head afresh from their initial distributions (torch's
+        CPU generator, whatever the device) and set the gates to 1; counts and masks stay."""
+        self.prompts.reset_parameters(self.init_bound)
+        kv = self.kv_prompts
+        heads, _, head_dim = next((t.shape for t in kv.key.values()), (0, 0, 0))
+        kv.load_state_dict(KVPrompts(kv.counts, heads, head_dim, kv.value is None).state_dict())
+        self.head.load_state_dict(_new_head(self.head.in_features, self.head.out_features).state_dict())
+        return self
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Every tensor that is not the frozen backbone (prompts, segment masks, KV prompts, head), on CPU."""
+        """Every tensor that is not the frozen backbone (prompts, segment masks, gates, KV prompts, head),
+        on CPU."""
         return {k: t.detach().cpu().clone() for k, t in self.state_dict().items() if not k.startswith("backbone.")}
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> "PromptedViT":
         """Load a :meth:`trainable_state`, first reshaping the visual prompts to the state's per-block
-        counts and masks (a pruned or condensed model saved from a model built like this one)."""
+        counts, masks and gates (a pruned, condensed or gated model saved from a model built like this
+        one). The prompts take this model's device and dtype, not the state's."""
         old = self.prompts
         counts = [len(state[f"prompts.tokens.{i}"]) if f"prompts.tokens.{i}" in state else 0
                   for i in range(len(old.counts))]
         masks = {i: state[f"prompts.masks.{i}"] for i in range(len(counts)) if f"prompts.masks.{i}" in state}
-        self.prompts = VisualPrompts(counts, old.embed_dim, 0.0, old.dropout.p, fresh=old.fresh, masks=masks)
-        self.prompts.to(self.head.weight.device)
+        self.prompts = VisualPrompts(
+            counts, old.embed_dim, 0.0, old.dropout.p, fresh=old.fresh, masks=masks, gated="prompts.token_gate" in state
+        )
+        self.prompts.to(self.head.weight)  # device and dtype
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
@@ -115,3 +132,11 @@ class PromptedViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_from(self.embed(images), 0)
+
+
+def _new_head(embed_dim: int, num_classes: int) -> nn.Linear:
+    """A linear head on the class token: weights truncated-normal (std 0.02), bias 0."""
+    head = nn.Linear(embed_dim, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head

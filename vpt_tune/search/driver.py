@@ -66,6 +66,7 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
         prune_epochs=spec.train.prune_epochs,
         kv_shared=spec.e2vpt.kv_shared,
         kv_position=spec.e2vpt.kv_position,
+        prune_scoring=spec.e2vpt.prune_scoring,
     )
 
 

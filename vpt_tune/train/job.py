@@ -20,7 +20,7 @@ from vpt_tune.models.backbone import create_backbone, normalisation
 from vpt_tune.models.placement import prompt_counts
 from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.models.prototype_init import prototype_init_
-from vpt_tune.prune import gate_importance, masked_entries, prune_, select_gates
+from vpt_tune.prune import MAX_PRUNED_SEGMENTS, PRUNE_SCORINGS, gate_importance, masked_entries, prune_, select_gates
 from vpt_tune.train.loop import LoopState, TrainConfig, evaluate, train
 from vpt_tune.train.prefix_cache import cached_prefix
 
@@ -48,6 +48,11 @@ class Job:
     condense_epochs: int = 1  # fine-tuning after condensation (params["condensation_ratio"] > 0)
     condense_per_block: bool = False  # keep the top fraction of each block instead of globally
     prune_epochs: int | None = None  # E²VPT retraining after pruning; None: ``epochs``
+    prune_scoring: str = "authors"  # E²VPT pruning: the authors' gates, scores and rewind, or ours (vpt_tune.prune)
+
+    def __post_init__(self) -> None:
+        if self.prune_scoring not in PRUNE_SCORINGS:
+            raise ValueError(f"unknown prune_scoring {self.prune_scoring!r}; choose one of {', '.join(PRUNE_SCORINGS)}")
 
     @property
     def condensation_ratio(self) -> float:
@@ -62,6 +67,11 @@ class Job:
     def retrain_epochs(self) -> int:
         """Epochs of retraining after E²VPT pruning (0 when the job does not prune)."""
         return (self.epochs if self.prune_epochs is None else self.prune_epochs) if any(self.prune_ratios) else 0
+
+    @property
+    def gated(self) -> bool:
+        """Whether E²VPT gates train with the prompts before pruning (the authors' scoring)."""
+        return self.prune_scoring == "authors" and self.retrain_epochs > 0
 
     @property
     def total_epochs(self) -> int:
@@ -129,7 +139,7 @@ def build_model(job: Job, classes: int, weights: str | None = None) -> PromptedV
     depth = len(vit.blocks)
     return PromptedViT(
         vit, classes, job.counts(depth), float(job.params.get("prompt_dropout", 0.0)),
-        job.kv_counts(depth), job.kv_shared, job.kv_position,
+        job.kv_counts(depth), job.kv_shared, job.kv_position, job.gated,
     )
 
 
@@ -141,12 +151,32 @@ def build(job: Job) -> tuple[PromptedViT, Batched, Batched]:
     mean, std = normalisation(model.backbone)
     train_split = task_split(job.benchmark, task_dir, job.train_split, job.img_size, mean, std, classes, train=True)
     eval_split = task_split(job.benchmark, task_dir, job.eval_split, job.img_size, mean, std, classes, train=False)
+    spt_init_(model, job, train_split, job.seed)
+    return model, train_split, eval_split
+
+
+def spt_init_(model: PromptedViT, job: Job, train_split: Batched, seed: int) -> None:
+    """SPT ``prompt_init``: prototypes of each block's input tokens over training images shuffled with
+    ``seed`` (nothing for ``uniform``)."""
     init = job.params.get("prompt_init", "uniform")
-    if init != "uniform":  # SPT: prototypes of each block's input tokens over (shuffled) training images
-        generator = torch.Generator().manual_seed(job.seed)
+    if init != "uniform":
+        generator = torch.Generator().manual_seed(seed)
         images = (x for x, _ in train_split.batches(job.batch_size, generator))
         prototype_init_(model, images, init.removeprefix("spt_"), generator)
-    return model, train_split, eval_split
+
+
+def rewind_(model: PromptedViT, job: Job, initial: dict | None, train_split: Batched) -> None:
+    """E²VPT's rewind before the pruned model retrains. ``authors``: their code rebuilds the model
+    without reseeding, i.e. draws prompts, KV prompts and head afresh from the initial distributions
+    (uniform or SPT, gates 1); here from a seed derived from the job's, so a resumed run draws the same.
+    ``ours``: every trained tensor back to its ``initial`` value, lottery-ticket style."""
+    if job.prune_scoring == "ours":
+        model.load_state_dict(initial, strict=False)
+        return
+    seed = int(hashlib.sha256(f"e2vpt rewind {job.seed}".encode()).hexdigest()[:15], 16)
+    torch.manual_seed(seed)
+    model.reset_parameters()
+    spt_init_(model, job, train_split, seed)
 
 
 PHASES = ("train", "prune", "condense")
@@ -165,9 +195,9 @@ def run(
 
     Up to three phases, epochs numbered on across them:
     1. ``train``: training for ``epochs``;
-    2. ``prune`` (E²VPT, with prune ratios): score the token and segment gates, rewind every trained
-       tensor to its initial value, remove the pruned prompts, fix the segment masks and retrain for
-       ``retrain_epochs``; ``val_acc_unpruned`` reports phase 1;
+    2. ``prune`` (E²VPT, with prune ratios): score the token and segment gates (trained in phase 1 with
+       ``prune_scoring: authors``), rewind (:func:`rewind_`), remove the pruned prompts, fix the
+       segment masks and retrain for ``retrain_epochs``; ``val_acc_unpruned`` reports phase 1;
     3. ``condense`` (Prompt Condensation, ratio r > 0): keep the ``ceil((1 - r) * T)`` most important
        prompts and fine-tune them and the head for ``condense_epochs``; ``val_acc_uncondensed``
        reports the model before.
@@ -175,19 +205,19 @@ def run(
     exactly after that epoch; ``run(..., resume=that)`` does so (same result as an uninterrupted run).
     The metrics include the cost of the final (pruned, condensed) model.
     """
-    model, train_split, eval_split = build(job)
+    model, train_images, eval_split = build(job)
     if resume is not None:
         model.load_trainable(resume["trainable"])
     model.to(device)
     net, (train_split, eval_split) = (
-        cached_prefix(model, [train_split, eval_split], job.batch_size, device)
-        if job.prefix_cache else (model, [train_split, eval_split])
+        cached_prefix(model, [train_images, eval_split], job.batch_size, device)
+        if job.prefix_cache else (model, [train_images, eval_split])
     )
     lengths = [job.epochs, job.retrain_epochs, job.condense_epochs if job.condensation_ratio > 0 else 0]
     active = [True, job.retrain_epochs > 0, job.condensation_ratio > 0]
     if resume is None:
         phase, loop, metrics = 0, LoopState(), {}
-        initial = model.trainable_state() if active[1] else None  # the rewind point of E²VPT pruning
+        initial = model.trainable_state() if active[1] and job.prune_scoring == "ours" else None  # ours' rewind point
     else:
         phase, loop, metrics = resume["phase"], LoopState(**(resume["loop"] or {})), resume["metrics"]
         initial = resume["initial"]
@@ -213,8 +243,9 @@ def run(
             continue
         if PHASES[phase] == "prune":
             scores = gate_importance(net, model, train_split, job.batch_size, device)
-            model.load_state_dict(initial, strict=False)  # rewind: lottery-ticket retraining from the initial values
-            prune_(model, *select_gates(scores, *job.prune_ratios))
+            rewind_(model, job, initial, train_images)
+            cap = MAX_PRUNED_SEGMENTS if job.prune_scoring == "authors" else None
+            prune_(model, *select_gates(scores, *job.prune_ratios, cap))
             metrics["val_acc_unpruned"] = metrics["val_acc"]
         else:
             scores = prompt_importance(net, model, train_split, job.batch_size, device)
