@@ -100,3 +100,15 @@ def test_job_condenses_then_fine_tunes_and_reports_the_condensed_cost(tmp_path):
     assert sum(model.prompts.counts) == math.ceil(0.25 * 4 * 12)
     assert metrics["prompt_tokens"] == pytest.approx(sum(model.prompts.counts) / 12)
     assert metrics["gflops"] < job_cost(job).gflops
+
+
+def test_ratios_count_exactly_and_condensing_keeps_the_dtype(make_vit, images):
+    """0.7 of 10 prompts removes 7 (float rounding must not keep a 4th); a float64 model stays float64."""
+    assert select_prompts({0: torch.arange(10.0)}, 0.7) == {0: [7, 8, 9]}
+    assert select_prompts({0: torch.arange(10.0)}, 0.7, per_block=True) == {0: [7, 8, 9]}
+    torch.manual_seed(0)
+    model = PromptedViT(make_vit(), 2, prompt_counts(4, "deep", 4)).double().eval()
+    full = {i: t.detach().clone() for i, t in model.prompts.tokens.items()}
+    condense_(model, {b: [0, 3] for b in range(4)})
+    assert all(t.dtype == torch.float64 and torch.equal(t, full[i][[0, 3]]) for i, t in model.prompts.tokens.items())
+    assert model(images.double()).dtype == torch.float64

@@ -40,6 +40,12 @@ def prompt_importance(
     return scores
 
 
+def removed_count(count: int, ratio: float) -> int:
+    """How many of ``count`` items a removal ``ratio`` drops: floor(count * ratio), so ceil((1 - ratio) * count)
+    stay; the epsilon absorbs float rounding (0.7 * 10 = 7.000000000000001 but 10 * (1 - 0.7) = 3.0000000000000004)."""
+    return math.floor(count * ratio + 1e-9)
+
+
 def select_prompts(scores: dict[int, torch.Tensor], ratio: float, per_block: bool = False) -> dict[int, list[int]]:
     """Indices of the prompts to keep per block: the top ``ceil((1 - ratio) * n)`` of all ``n`` scored
     prompts (globally across blocks), or of each block's own prompts with ``per_block``."""
@@ -47,10 +53,10 @@ def select_prompts(scores: dict[int, torch.Tensor], ratio: float, per_block: boo
         raise ValueError(f"condensation ratio must be in [0, 1), got {ratio}")
     if per_block:
         return {
-            block: sorted(s.topk(math.ceil((1 - ratio) * len(s))).indices.tolist()) for block, s in scores.items()
+            block: sorted(s.topk(len(s) - removed_count(len(s), ratio)).indices.tolist()) for block, s in scores.items()
         }
     flat = [(score, block, index) for block, s in scores.items() for index, score in enumerate(s.tolist())]
-    keep = math.ceil((1 - ratio) * len(flat))
+    keep = len(flat) - removed_count(len(flat), ratio)
     chosen = sorted(flat, key=lambda item: -item[0])[:keep]
     return {block: sorted(index for _, b, index in chosen if b == block) for block in scores}
 
@@ -63,7 +69,8 @@ def condense_(model: PromptedViT, kept: dict[int, list[int]]) -> PromptedViT:
     counts = [len(kept.get(i, [])) if new else 0 for i, new in enumerate(old.fresh)]
     masks = {i: old.mask(i)[kept.get(i, [])] for i in range(len(counts)) if old.mask(i) is not None}
     condensed = VisualPrompts(counts, old.embed_dim, 0.0, old.dropout.p, fresh=old.fresh, masks=masks)
+    condensed.to(model.head.weight)  # the model's device and dtype, before the kept values are copied in
     for block, indices in kept.items():
         condensed.tokens[str(block)].copy_(old.tokens[str(block)][indices])
-    model.prompts = condensed.to(next(old.parameters(), torch.empty(0)).device)
+    model.prompts = condensed
     return model
