@@ -100,8 +100,7 @@ class VisualPrompts(nn.Module):
         """The (T, D) product of the token and segment gates, or None without gates."""
         if not self.gated:
             return None
-        segments = self.segment_gate.repeat(1, -(-self.embed_dim // SEGMENTS))[:, : self.embed_dim]  # d -> d mod 16
-        return self.token_gate[:, None] * segments
+        return self.token_gate[:, None] * self.segment_gate[:, segment_of(self.embed_dim).to(self.segment_gate.device)]
 
     def forward(self, block: int, batch: int) -> torch.Tensor:
         tokens, mask, gate = self.tokens[str(block)], self.mask(block), self.gate()
