@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -83,7 +84,7 @@ def test_condensed_cost_counts_the_kept_tokens(make_vit):
 
 def test_job_condenses_then_fine_tunes_and_reports_the_condensed_cost(tmp_path):
     from vpt_tune.data.demo import materialise
-    from vpt_tune.train.job import Job, build, job_cost, run
+    from vpt_tune.train.job import Job, build, expected_cost, run
     from vpt_tune.train.loop import evaluate
 
     job = Job(
@@ -99,7 +100,10 @@ def test_job_condenses_then_fine_tunes_and_reports_the_condensed_cost(tmp_path):
     assert metrics["val_acc_uncondensed"] * len(val) == pytest.approx(round(metrics["val_acc_uncondensed"] * len(val)))
     assert sum(model.prompts.counts) == math.ceil(0.25 * 4 * 12)
     assert metrics["prompt_tokens"] == pytest.approx(sum(model.prompts.counts) / 12)
-    assert metrics["gflops"] < job_cost(job).gflops
+    expected = expected_cost(job)  # known before training: global condensation keeps exactly ceil(0.25 * 48)
+    assert metrics["prompt_tokens"] == pytest.approx(expected.prompt_tokens)
+    uncondensed = expected_cost(dataclasses.replace(job, params={**job.params, "condensation_ratio": 0.0}))
+    assert metrics["gflops"] < uncondensed.gflops and expected.gflops < uncondensed.gflops
 
 
 def test_ratios_count_exactly_and_condensing_keeps_the_dtype(make_vit, images):

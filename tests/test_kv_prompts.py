@@ -19,7 +19,7 @@ from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.search.driver import make_job
 from vpt_tune.search.space import DefineByRun
 from vpt_tune.spec import SpecError, load_spec, validate
-from vpt_tune.train.job import job_cost
+from vpt_tune.train.job import expected_cost
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -294,7 +294,7 @@ def test_kv_prompts_reach_the_job_and_its_cost(tmp_path):
     job = make_job(spec, str(tmp_path), {**config, "kv_prompts": 5})
     assert (job.kv_shared, job.kv_position) == (False, "append")
     assert job.kv_counts(12) == [5] * 12 and job.counts(12) == [10] * 12
-    cost = job_cost(job)
+    cost = expected_cost(job)
     assert (cost.prompt_tokens, cost.kv_tokens) == (10, 5)
     assert cost.gflops == pytest.approx(18.51, abs=0.05)
     assert cost.trainable_params == 12 * 768 * (10 + 2 * 5) + 769 * 10  # separate K and V tensors

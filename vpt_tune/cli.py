@@ -14,6 +14,7 @@ from vpt_tune.errors import UserError
 EPILOG = """examples:
   vpt-tune search                                   # the built-in demo search (CPU, offline, minutes)
   vpt-tune search search_spaces/demo.yaml --set search.trials_per_task=16
+  vpt-tune search demo_asha                         # the demo, 9 epochs, hopeless trials stopped early
   vpt-tune resume vpt_results/demo-20261123-101500  # continue an interrupted search
   vpt-tune search search_spaces/vtab_pc.yaml --cluster cluster/aws.yaml   # ray up + submit as a Ray Job
   vpt-tune search SPEC.yaml --address http://HEAD:8265 --storage /shared/vpt_results   # existing cluster
@@ -94,8 +95,9 @@ def _follow(submission, args: argparse.Namespace) -> None:
 
 def _summary(result, started: float) -> None:
     table = result.table
-    finished = table[table["status"] == "finished"]
-    print(f"\nfinished {len(finished)}/{len(table)} trials in {(time.monotonic() - started) / 60:.1f} min")
+    finished, stopped = table[table["status"] == "finished"], int((table["status"] == "stopped").sum())
+    early = f" ({stopped} stopped early)" if stopped else ""
+    print(f"\nfinished {len(finished)}/{len(table)} trials{early} in {(time.monotonic() - started) / 60:.1f} min")
     if not finished.empty:
         print(_format_table(table[table["pareto"]]))
     if "test_acc" in table:
@@ -124,7 +126,11 @@ def _export(args: argparse.Namespace) -> None:
 def _format_table(table) -> str:
     tested = ["test_acc", "test_acc_std"] if "test_acc" in table else []
     columns = ["task", "trial_id", "status", "val_acc", *tested, "prompt_tokens", "gflops", "pareto", "config"]
-    return table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    shown = table[columns].copy()
+    if "stopped_at_epoch" in table:  # a stopped trial's val_acc is its accuracy at the rung it stopped at
+        shown["status"] = [f"stopped@{epoch:.0f}" if status == "stopped" and epoch == epoch else status
+                           for status, epoch in zip(table["status"], table["stopped_at_epoch"])]
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 def _pareto(args: argparse.Namespace) -> None:

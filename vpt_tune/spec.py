@@ -189,6 +189,18 @@ class TrainSpec(_Strict):
     max_failures: int = Field(2, ge=0)  # restarts of a trial's workers after a crash or a lost node
 
 
+class EarlyStoppingSpec(_Strict):
+    """Stopping hopeless trials at rungs of ``min_epochs * reduction_factor**k`` base-training epochs
+    (see :mod:`vpt_tune.search.scheduler`). ``rule``: ``off`` (every trial trains its whole schedule),
+    ``mo_asha`` (continue only in the top 1/reduction_factor of the task's trials at the rung, ranked on
+    the fronts of rung accuracy, tokens and GFLOPs) or ``known_cost`` (``mo_asha``, and also stop a trial
+    whose optimistic final accuracy a finished trial at no greater cost already beats)."""
+
+    rule: Literal["off", "mo_asha", "known_cost"] = "off"
+    min_epochs: int = Field(1, gt=0)
+    reduction_factor: int = Field(3, ge=2)
+
+
 class SearchSpec(_Strict):
     """Budget and sampler of the search."""
 
@@ -196,6 +208,7 @@ class SearchSpec(_Strict):
     trials_per_task: int = Field(16, gt=0)
     seed: int = 0
     max_concurrent_trials: int | None = Field(None, gt=0)
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
 
     @field_validator("sampler")
     @classmethod
@@ -254,6 +267,10 @@ class Spec(_Strict):
                 if param.choice is None or param.when:
                     raise ValueError(f"search.sampler grid needs every searched entry as an unconditional "
                                      f"`choice: [...]`; space.{name} is not (list its values, or pick tpe)")
+        stopping = self.search.early_stopping
+        if stopping.rule != "off" and stopping.min_epochs >= self.train.epochs:
+            raise ValueError(f"search.early_stopping.min_epochs: {stopping.min_epochs} leaves no rung before the last "
+                             f"of train.epochs {self.train.epochs}; lower it or set search.early_stopping.rule: off")
         if self.method == "vpt":
             for name in ("kv_prompts", "token_prune_ratio", "segment_prune_ratio"):
                 value = getattr(self.space, name)

@@ -18,7 +18,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from vpt_tune.data.tasks import get_benchmark
 from vpt_tune.search.router import TASK
 from vpt_tune.spec import Space, Spec
-from vpt_tune.train.job import Job, job_cost
+from vpt_tune.train.job import Job, expected_cost
 from vpt_tune.train.loop import DivergenceError
 from vpt_tune.train.worker import DIVERGED, STARTED_AT, train_worker
 
@@ -102,7 +102,7 @@ def run_trial(
         train_worker,
         train_loop_config={
             "job": asdict(job),
-            "report": job_cost(job).as_dict(),
+            "report": expected_cost(job).as_dict(),  # judged on its final cost while it trains
             "threads": res.cpus_per_worker,
             "checkpoint_every": spec.train.checkpoint_every,
             "base_store": base_store if spec.train.reuse_base else None,

@@ -27,6 +27,36 @@ def pareto_mask(table: pd.DataFrame, objectives: dict[str, str] = OBJECTIVES) ->
     return ~dominated
 
 
+def nondominated_ranks(costs: np.ndarray) -> np.ndarray:
+    """Front index of each row of ``costs`` (n x d, every column minimised): 0 for the rows nothing
+    dominates, 1 for those only front 0 dominates, and so on (NSGA-II's non-dominated sorting)."""
+    costs = np.asarray(costs, dtype=float)
+    no_worse = (costs[:, None, :] <= costs[None, :, :]).all(axis=2)
+    dominates = no_worse & (costs[:, None, :] < costs[None, :, :]).any(axis=2)  # [i, j]: i dominates j
+    ranks = np.full(len(costs), -1)
+    left, front = np.ones(len(costs), dtype=bool), 0
+    while left.any():
+        current = left & ~(dominates & left[:, None]).any(axis=0)
+        ranks[current] = front
+        left &= ~current
+        front += 1
+    return ranks
+
+
+def crowding_distance(costs: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of each row of one front (n x d): per objective, the gap between its
+    two neighbours over the front's range, summed; the extremes of each objective get infinity."""
+    costs = np.asarray(costs, dtype=float)
+    distance = np.zeros(len(costs))
+    for column in costs.T:
+        order = np.argsort(column, kind="stable")
+        distance[order[[0, -1]]] = np.inf
+        span = column[order[-1]] - column[order[0]]
+        if span > 0 and len(costs) > 2:
+            distance[order[1:-1]] += (column[order[2:]] - column[order[:-2]]) / span
+    return distance
+
+
 def front_figure(table: pd.DataFrame, cost: str, title: str, accuracy: str = "val_acc"):
     """Interactive plotly scatter of ``accuracy`` vs ``cost``; the 2-D front is drawn, dominated points faded.
 

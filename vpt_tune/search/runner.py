@@ -35,7 +35,6 @@ import yaml
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.store.db.db_types import DATABASE_ENGINES
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 from vpt_tune.cost import ViTShape
 from vpt_tune.data.cache import cache_dir
@@ -46,6 +45,7 @@ from vpt_tune.models.backbone import BackboneError, check_weights
 from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources, trial_task
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.router import TASK, TaskRouter
+from vpt_tune.search.scheduler import STOPPED_AT, ParetoRungScheduler, RungRecords, Rungs, StudySearch
 from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.search.summary import summary_markdown, summary_table
 from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri, error_summary
@@ -55,7 +55,7 @@ from vpt_tune.train.worker import COMPLETE, REUSED_BASE
 
 METRIC_COLUMNS = (
     "val_acc", "val_acc_uncondensed", "val_acc_unpruned", "prompt_tokens", "kv_tokens", "gflops", "trainable_params",
-    "train_loss", "epoch", "train_seconds", "startup_seconds", "setup_seconds",
+    "train_loss", "epoch", "train_seconds", "startup_seconds", "setup_seconds", STOPPED_AT,
 )
 TABLE_FILE = "trials.parquet"
 STATE_FILE = "experiment.json"  # MLflow URI and run ids, so `vpt-tune resume` continues the same runs
@@ -281,7 +281,7 @@ class ProgressPrinter(tune.Callback):
         mine = [t for t in ended if trial_task(t.config) == task]
         finished = [{k: t.last_result[k] for k in OBJECTIVES} for t in mine
                     if (t.status == "TERMINATED" or (t is trial and outcome != "FAILED"))
-                    and all(k in t.last_result for k in OBJECTIVES)]
+                    and all(k in t.last_result for k in OBJECTIVES) and not t.last_result.get(STOPPED_AT)]
         front = int(pareto_mask(pd.DataFrame(finished)).sum()) if finished else 0
         done, total = sum(self.earlier.values()) + len(ended), sum(self.totals.values())
         elapsed = time.monotonic() - self.started
@@ -297,6 +297,8 @@ class ProgressPrinter(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result
         outcome = f"{self.accuracy} {r['val_acc']:.3f}, {r['prompt_tokens']:.1f} tokens, {r['gflops']:.2f} GFLOPs"
+        if r.get(STOPPED_AT):
+            outcome = f"stopped at epoch {r[STOPPED_AT]} ({outcome})"
         self._line(trials, trial, outcome)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -307,12 +309,16 @@ RunOf = Callable[[str, str], "str | None"]  # (task, trial id) -> the trial's ML
 
 
 def trial_status(result: tune.Result) -> str:
-    """``finished``, ``failed``, or ``interrupted``: stopped by Ctrl-C before its last report (Tune ends
-    such trials as TERMINATED too, and a restored experiment does not keep Tune's ``done`` flag, so the
-    worker marks its last report itself)."""
+    """``finished``, ``failed``, ``stopped`` (early, at a rung: see :mod:`~vpt_tune.search.scheduler`), or
+    ``interrupted``: stopped by Ctrl-C before its last report (Tune ends such trials as TERMINATED too,
+    and a restored experiment does not keep Tune's ``done`` flag, so the worker marks its last report
+    itself)."""
+    metrics = result.metrics or {}
     if result.error:
         return "failed"
-    return "finished" if (result.metrics or {}).get(COMPLETE) else "interrupted"
+    if metrics.get(COMPLETE):
+        return "finished"
+    return "stopped" if metrics.get(STOPPED_AT) else "interrupted"
 
 
 def trial_ref(result: tune.Result) -> tuple[str, str]:
@@ -660,7 +666,7 @@ class Search:
         continued) Optuna study."""
         metric, mode = list(OBJECTIVES), list(OBJECTIVES.values())
         searchers = {
-            task: OptunaSearch(
+            task: StudySearch(
                 space=DefineByRun(self.spec.space), metric=metric, mode=mode,
                 sampler=make_sampler(self.spec.search, self.spec.space),
                 study_name=task,
@@ -669,19 +675,29 @@ class Search:
             for task in todo
         }
         totals = dict.fromkeys(self.tasks, self.spec.search.trials_per_task)
+        stopping = self.spec.search.early_stopping
+        # One scheduler object in the TuneConfig and in its RungRecords callback: Tune pickles both into
+        # one file (tuner.pkl), so a restored experiment's callback restores the records into its scheduler.
+        scheduler = ParetoRungScheduler(Rungs(stopping.rule, stopping.min_epochs, stopping.reduction_factor,
+                                              self.spec.train.epochs)) if stopping.rule != "off" else None
         return tune.Tuner(
             self._trainable(),
             tune_config=tune.TuneConfig(
                 search_alg=TaskRouter(searchers, todo, metric, mode),
+                scheduler=scheduler,
                 num_samples=sum(todo.values()),
                 max_concurrent_trials=parallel,
-                reuse_actors=REUSE_TRIAL_ACTORS,
+                # A stopped trial's driver is still inside TorchTrainer.fit(), so Tune cannot reuse it (and
+                # errs on the next trial); ending its process ends its Train run at once (Ray kills the
+                # actors a process owns with it).
+                reuse_actors=REUSE_TRIAL_ACTORS and scheduler is None,
             ),
             run_config=tune.RunConfig(
                 name="search" if index == 0 else f"search.more{index}",
                 storage_path=str(self.experiment_dir),
                 verbose=0,
-                callbacks=[TrialLogger(self.tracker, self.task_runs), ProgressPrinter(totals, done)],
+                callbacks=[*([RungRecords(scheduler)] if scheduler else []), TrialLogger(self.tracker, self.task_runs),
+                           ProgressPrinter(totals, done)],
             ),
         )
 

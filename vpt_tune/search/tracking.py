@@ -22,6 +22,7 @@ from vpt_tune.search.hypervolume import hypervolume_history, reference_point
 from vpt_tune.search.pareto import front_figure, front_png
 from vpt_tune.search.driver import FINAL, trial_task
 from vpt_tune.search.router import TASK
+from vpt_tune.search.scheduler import STOPPED_AT
 from vpt_tune.train.worker import NODE, REUSED_BASE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
@@ -192,7 +193,12 @@ class TrialLogger(tune.Callback):
             self.tracker.set_tags(self._run_id(trial), {"ray_nodes": ",".join(sorted(nodes))})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.tracker.set_tags(self._run_id(trial), {"status": "finished"})
+        stopped_at = trial.last_result.get(STOPPED_AT)
+        if stopped_at:  # stopped early at a rung: its last accuracy is not a final one
+            self.tracker.set_tags(self._run_id(trial), {"status": "stopped", STOPPED_AT: str(stopped_at)})
+            self.tracker.log_metrics(self._run_id(trial), {STOPPED_AT: stopped_at})
+        else:
+            self.tracker.set_tags(self._run_id(trial), {"status": "finished"})
         self.tracker.end_run(self._run_id(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):

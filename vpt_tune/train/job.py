@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vpt_tune.condense import condense_, prompt_importance, select_prompts
+from vpt_tune.condense import condense_, prompt_importance, removed_count, select_prompts
 from vpt_tune.cost import Cost, ViTShape, prompted_cost
 from vpt_tune.data.tasks import task_classes, task_split
 from vpt_tune.data.vtab import Batched
@@ -122,13 +122,34 @@ def resolve_weights(weights: str) -> str | None:
     return None if weights == "hub" else weights
 
 
-def job_cost(job: Job) -> Cost:
-    """Prompt tokens, trainable parameters and GFLOPs of ``job``'s model, without building it."""
+def expected_cost(job: Job) -> Cost:
+    """The cost ``job``'s model will have after E²VPT token pruning and condensation, known before it
+    trains: what its objectives are judged on while it trains (early stopping). Exact for pruning and
+    per-block condensation; global condensation removes an exact number of prompts, shared out here
+    among the blocks in proportion to their prompts (the trained scores decide the real split)."""
     shape = ViTShape.for_model(job.model, job.img_size)
-    return prompted_cost(
-        shape, job.counts(shape.depth), task_classes(job.benchmark, Path(job.task_dir)), job.kv_counts(shape.depth),
-        job.kv_shared,
-    )
+    counts = job.counts(shape.depth)
+    fresh = [count > 0 for count in counts]
+    if job.retrain_epochs and job.prune_ratios[0]:  # the same token indices go in every block
+        counts = [count - removed_count(count, job.prune_ratios[0]) for count in counts]
+    ratio = job.condensation_ratio
+    if ratio > 0 and job.condense_per_block:
+        counts = [count - removed_count(count, ratio) for count in counts]
+    elif ratio > 0:
+        counts = _apportion(counts, sum(counts) - removed_count(sum(counts), ratio))
+    return prompted_cost(shape, counts, task_classes(job.benchmark, Path(job.task_dir)), job.kv_counts(shape.depth),
+                         job.kv_shared, fresh)
+
+
+def _apportion(counts: list[int], total: int) -> list[int]:
+    """``total`` shared out in proportion to ``counts`` (largest remainders, ties to the earlier block)."""
+    whole = sum(counts)
+    shares = [count * total / whole for count in counts]
+    result = [int(share) for share in shares]
+    by_remainder = sorted(range(len(counts)), key=lambda i: (result[i] - shares[i], i))
+    for i in by_remainder[: total - sum(result)]:
+        result[i] += 1
+    return result
 
 
 def build_model(job: Job, classes: int, weights: str | None = None) -> PromptedViT:

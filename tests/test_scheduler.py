@@ -1,0 +1,143 @@
+"""Early-stopping decisions on constructed results (no Ray): rungs, Pareto ranks, the known-cost rule."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from vpt_tune.search.pareto import crowding_distance, nondominated_ranks
+from vpt_tune.search.scheduler import Rungs, dominated_by_finished, pareto_rank_keeps, rung_epochs
+from vpt_tune.spec import SpecError, validate
+
+CHEAP, DEAR = (2.0, 1.0), (8.0, 1.2)  # (prompt_tokens, gflops)
+
+
+def test_rungs_sit_at_min_epochs_times_powers_of_the_reduction_factor_before_the_last_epoch():
+    assert rung_epochs(1, 3, 9) == [1, 3]
+    assert rung_epochs(10, 3, 100) == [10, 30, 90]
+    assert rung_epochs(1, 2, 2) == [1]
+    assert rung_epochs(5, 3, 5) == []
+    assert Rungs("off", 1, 3, 9).rungs == []
+
+
+def test_nondominated_ranks_and_crowding_distance():
+    costs = np.array([[0, 3], [1, 1], [3, 0], [2, 2], [3, 3]], dtype=float)
+    assert nondominated_ranks(costs).tolist() == [0, 0, 0, 1, 2]
+    front = costs[:3]
+    distance = crowding_distance(front)
+    assert np.isinf(distance[[0, 2]]).all()  # the extremes of each objective
+    assert distance[1] == pytest.approx((3 - 0) / 3 + (3 - 0) / 3)
+
+
+def test_only_the_top_third_at_a_rung_continues_and_ties_continue():
+    rungs = Rungs("mo_asha", 1, 3, 9)
+    decisions = [rungs.judge("t", name, 1, acc, CHEAP)
+                 for name, acc in [("a", 0.5), ("b", 0.6), ("c", 0.7), ("d", 0.4), ("e", 0.55), ("f", 0.65)]]
+    # d: 3 of 4 ahead (keep 2); e: 2 of 5 ahead (keep 2); f: only c ahead (keep 2).
+    assert decisions == [True, True, True, False, False, True]
+    assert rungs.stopped == {"d": 1, "e": 1}
+    assert rungs.judge("t", "g", 1, 0.7, CHEAP)  # ties with the best: nobody strictly ahead
+    assert rungs.judge("t", "a", 2, 0.1, CHEAP)  # epoch 2 is no rung: nothing is judged there
+    assert not rungs.judge("t", "d", 2, 0.9, CHEAP)  # a stopped trial stays stopped
+
+
+def test_a_dominated_trial_stops_and_a_cheap_one_survives():
+    rungs = Rungs("mo_asha", 1, 3, 9)
+    assert rungs.judge("t", "accurate", 1, 0.9, DEAR)
+    assert not rungs.judge("t", "dominated", 1, 0.8, DEAR)
+    assert rungs.judge("t", "cheap", 1, 0.3, CHEAP)  # worst accuracy, but nothing is as cheap: a front extreme
+    # Rung records are per task: another task's first trial continues whatever it scores.
+    assert rungs.judge("other", "x", 1, 0.0, DEAR)
+
+
+def test_a_diverged_trial_ranks_last():
+    assert not pareto_rank_keeps([(0.2, *DEAR), (float("nan"), *DEAR)], 1, 3)
+    assert not pareto_rank_keeps([(0.2, *DEAR), (None, *DEAR)], 1, 3)
+    assert pareto_rank_keeps([(0.2, *DEAR), (None, *DEAR)], 0, 3)
+
+
+def _with_a_finished_trial(rule: str) -> Rungs:
+    """Task t: trial F reached rung 1 at 0.80 and finished at 0.95 at the cheap cost (gain 0.15); four
+    poor trials reached rung 1 at the dear cost."""
+    rungs = Rungs(rule, 1, 3, 9)
+    assert rungs.judge("t", "F", 1, 0.80, CHEAP)
+    for i, acc in enumerate([0.20, 0.25, 0.30, 0.35]):
+        rungs.judge("t", f"poor{i}", 1, acc, DEAR)
+    rungs.finish("t", "F", 0.95, CHEAP)
+    return rungs
+
+
+def test_known_cost_rule_stops_a_trial_a_finished_cheaper_one_beats_even_optimistically():
+    # 0.70 + the largest gain 0.15 = 0.85 < 0.95 of F, which costs less: hopeless. MO-ASHA alone keeps
+    # it (only F's rung result is ahead of it among 6, and 2 continue).
+    assert not _with_a_finished_trial("known_cost").judge("t", "T", 1, 0.70, DEAR)
+    assert _with_a_finished_trial("mo_asha").judge("t", "T", 1, 0.70, DEAR)
+    # It does not fire when the optimistic estimate (0.82 + 0.15) beats F ...
+    assert _with_a_finished_trial("known_cost").judge("t", "T", 1, 0.82, DEAR)
+    # ... nor for a trial cheaper than every finished one, however inaccurate ...
+    assert _with_a_finished_trial("known_cost").judge("t", "T", 1, 0.05, (1.0, 0.9))
+    # ... nor before any finished trial has reported this rung (no gain to estimate with).
+    rungs = _with_a_finished_trial("known_cost")
+    rungs.epochs = 30  # rungs 1, 3, 9, 27: F never reported rung 3
+    assert rungs.judge("t", "T", 3, 0.1, DEAR)
+
+
+def test_dominated_by_finished_needs_no_greater_cost_and_strict_dominance():
+    finished = [(0.9, 4.0, 1.0)]
+    assert dominated_by_finished(0.8, (4.0, 1.0), finished)
+    assert not dominated_by_finished(0.9, (4.0, 1.0), finished)  # equal in every objective: not dominated
+    assert dominated_by_finished(0.9, (5.0, 1.0), finished)
+    assert not dominated_by_finished(0.5, (3.0, 1.5), finished)  # fewer tokens than the finished trial
+
+
+def test_decisions_are_made_once_per_trial_and_rung_and_survive_a_save():
+    rungs = Rungs("known_cost", 1, 3, 9)
+    assert rungs.judge("t", "a", 1, 0.9, CHEAP)
+    assert not rungs.judge("t", "b", 1, 0.1, CHEAP)
+    assert not rungs.judge("t", "b", 1, 0.95, CHEAP)  # reported again after a restart: same answer
+    assert list(rungs.records["t"][1]) == ["a", "b"] and rungs.records["t"][1]["b"][0] == 0.1
+    restored = Rungs("known_cost", 1, 3, 9)
+    restored.load_state(pickle.loads(pickle.dumps(rungs.state())))
+    for judge in (rungs, restored):  # the same next decisions
+        assert [judge.judge("t", n, 1, acc, CHEAP) for n, acc in [("c", 0.5), ("d", 0.95)]] == [False, True]
+
+
+def test_the_spec_refuses_rungs_that_never_come(tmp_path):
+    raw = {"name": "x", "space": {"num_prompts": {"int": [1, 4]}}, "train": {"epochs": 2},
+           "search": {"early_stopping": {"rule": "mo_asha", "min_epochs": 2}}}
+    with pytest.raises(SpecError, match="search.early_stopping.min_epochs: 2 leaves no rung"):
+        validate(raw)
+    raw["search"]["early_stopping"] = {"rule": "known_cost", "reduction_factor": 1}
+    with pytest.raises(SpecError, match="reduction_factor"):
+        validate(raw)
+    raw["search"]["early_stopping"] = {"rule": "asha"}
+    with pytest.raises(SpecError, match="rule"):
+        validate(raw)
+
+
+def test_the_tune_scheduler_judges_base_epochs_only_and_learns_from_complete_trials():
+    """Rungs count base-training epochs: a condensing trial's later epochs (here 10..29 of 9 + 20) are never
+    judged; a trial's last report (``trial_complete``) makes it a finished trial; final retrains are exempt."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from vpt_tune.search.scheduler import ParetoRungScheduler
+    from vpt_tune.train.worker import COMPLETE
+
+    scheduler = ParetoRungScheduler(Rungs("known_cost", 1, 3, 9))
+    good, poor, final = (SimpleNamespace(trial_id=name, config=config) for name, config in
+                         [("good", {"task": "t"}), ("poor", {"task": "t"}), ("final", {"final": {"task": "t"}})])
+    result = lambda epoch, acc, **extra: {"epoch": epoch, "val_acc": acc, "prompt_tokens": 2.0, "gflops": 1.0, **extra}
+    assert scheduler.on_trial_result(None, good, result(1, 0.9)) == TrialScheduler.CONTINUE
+    for epoch in (3, 9, 10, 27, 29):  # rung 3, then the last base epoch and condensation epochs: no rungs
+        assert scheduler.on_trial_result(None, good, result(epoch, 0.9 if epoch < 9 else 0.1)) == TrialScheduler.CONTINUE
+    assert set(scheduler.rungs.records["t"]) == {1, 3}
+    scheduler.on_trial_complete(None, good, result(29, 0.95, **{COMPLETE: True}))
+    assert scheduler.rungs.finished == {"t": {"good": (0.95, 2.0, 1.0)}}
+    scheduler.on_trial_complete(None, poor, result(1, 0.1))  # stopped or interrupted: not a finished trial
+    assert list(scheduler.rungs.finished["t"]) == ["good"]
+    assert scheduler.on_trial_result(None, poor, result(1, 0.1)) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, final, result(1, 0.0)) == TrialScheduler.CONTINUE
