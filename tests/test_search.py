@@ -290,3 +290,70 @@ def test_diverging_trials_fail_and_the_search_goes_on(tmp_path, local_ray):
     failed = [r for r in trial_runs if r.data.tags["status"] == "failed"]
     assert len(failed) == lrs.count(1e30)
     assert all(r.info.status == "FAILED" and "lower base_lr" in r.data.tags["error"] for r in failed)
+
+
+def early_stopping_spec(tmp_path, trials: int) -> dict:
+    """``trials`` trials one at a time, each with a good (0.3) or a hopeless (1e-6) learning rate, 4 epochs;
+    MO-ASHA at epoch 1 keeps the top quarter, so a hopeless trial that reaches the rung after good ones stops."""
+    raw = small_spec(tmp_path)
+    raw["space"] = {"num_prompts": 2, "placement": "deep", "base_lr": {"choice": [0.3, 1e-6]}}
+    raw["train"] = {"epochs": 4, "batch_size": 64, "warmup_epochs": 0, "reuse_base": False}  # repeats train again
+    raw["search"] = {"sampler": "random", "trials_per_task": trials, "seed": 1, "max_concurrent_trials": 1,
+                     "early_stopping": {"rule": "mo_asha", "min_epochs": 1, "reduction_factor": 4}}
+    return raw
+
+
+def rung_replay(client: MlflowClient, experiment: str, rule: str = "mo_asha") -> dict[str, bool]:
+    """Each trial's decision at epoch 1 made afresh from the epoch-1 accuracies MLflow recorded, in the
+    order the trials started (one at a time): what an uninterrupted search decides."""
+    from vpt_tune.search.scheduler import Rungs
+
+    rungs = Rungs(rule, 1, 4, 4)
+    trial_runs = sorted((r for r in _runs(client, experiment) if "trial_id" in r.data.tags),
+                        key=lambda r: r.info.start_time)
+    decisions = {}
+    for run in trial_runs:
+        at_rung = [m.value for m in client.get_metric_history(run.info.run_id, "val_acc") if m.step == 1]
+        costs = (run.data.metrics["prompt_tokens"], run.data.metrics["gflops"])
+        decisions[run.data.tags["trial_id"]] = rungs.judge("digits", run.data.tags["trial_id"], 1, at_rung[0], costs)
+    return decisions
+
+
+def test_early_stopping_stops_hopeless_trials_at_the_rung_and_says_so_everywhere(tmp_path, local_ray, capsys):
+    spec = validate(early_stopping_spec(tmp_path, 5))
+    result = run_search(spec, name="asha")
+    table = result.table.set_index("trial_id")
+    client = MlflowClient(spec.tracking.mlflow_uri)
+
+    # The decisions are MO-ASHA's on the recorded rung accuracies, and only hopeless trials stop, at the rung.
+    decisions = rung_replay(client, "test")
+    assert sorted(decisions) == sorted(table.index)
+    assert {t: status == "finished" for t, status in table["status"].items()} == decisions
+    stopped = table[table["status"] == "stopped"]
+    assert len(stopped) >= 1  # seed 1 draws a hopeless trial after good ones
+    assert all(json.loads(c)["base_lr"] == 1e-6 for c in stopped["config"])
+    assert (stopped["stopped_at_epoch"] == 1).all() and (stopped["epoch"] == 1).all()
+    assert (table.loc[table["status"] == "finished", "epoch"] == 4).all()
+    assert_front(table.reset_index())  # a stopped trial is never on a front
+    # A stopped trial's Train run ends at once: at most the epoch in flight is trained after the rung.
+    for trial_id in stopped.index:
+        snapshot = result.experiment_dir / "train_runs" / f"run_trial_{trial_id}" / "checkpoint_manager_snapshot.json"
+        assert json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] <= 2
+
+    # Optuna hears PRUNED with the last accuracy and epoch; MLflow and the terminal say stopped.
+    study = optuna.load_study(study_name="digits", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(result.experiment_dir / "optuna.journal"))))
+    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    assert len(pruned) == len(stopped) and len(study.trials) == len(table)
+    assert sorted(t.user_attrs["val_acc"] for t in pruned) == sorted(stopped["val_acc"])
+    assert all(t.user_attrs["stopped_at_epoch"] == 1 for t in pruned)
+    for run in (r for r in _runs(client, "test") if "trial_id" in r.data.tags):
+        status = table.loc[run.data.tags["trial_id"], "status"]
+        assert run.data.tags["status"] == status
+        assert (run.data.tags.get("stopped_at_epoch"), run.data.metrics.get("stopped_at_epoch")) == \
+            (("1", 1.0) if status == "stopped" else (None, None))
+    out = capsys.readouterr().out
+    assert out.count(": stopped at epoch 1 (val_acc") == len(stopped)
+    main(["pareto", str(result.experiment_dir), "--all"])
+    shown = capsys.readouterr().out
+    assert shown.count("stopped@1") == len(stopped)
