@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -225,3 +226,43 @@ def test_killed_train_worker_restarts_from_its_last_epoch(tmp_path):
     startups = {r["startup_seconds"] for r in reports}
     assert len(startups) == 1, startups  # the restart keeps the first start-up, not the time since it
 
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_rung_resumes_to_the_same_stopping_decisions(tmp_path):
+    """Early stopping survives a SIGKILLed driver: the rung records come back with Tune's experiment state,
+    so every trial ends (finished or stopped, each once) as the uninterrupted search decides."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    from test_search import early_stopping_spec, rung_replay
+
+    trials = 5
+    raw = early_stopping_spec(tmp_path, trials)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    experiment = tmp_path / "results" / "killed"
+    proc = _cli("search", "spec.yaml", "--name", "killed", cwd=tmp_path)
+    deadline = time.monotonic() + 400
+    while len(list((experiment / "search").glob("run_trial_*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)  # two trials judged at the rung, the third under way
+    time.sleep(random.Random(11).uniform(0, 8))
+    assert proc.poll() is None, "the search ended before it could be killed"
+    _kill_group(proc)
+    proc = _cli("resume", str(experiment), cwd=tmp_path)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+
+    table = pd.read_parquet(experiment / "trials.parquet").set_index("trial_id")
+    assert len(table) == trials and table.index.is_unique
+    decisions = rung_replay(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), "test")
+    assert {t: status == "finished" for t, status in table["status"].items()} == decisions, out[-3000:]
+    assert (table["status"] == "stopped").any()
+    # The resumed scheduler went on from the records saved before the kill: its last saved state holds the
+    # rung results of every trial, those that ended before the kill included (they never ran again).
+    newest = max((experiment / "search").glob("callback-states-*.pkl"), key=lambda p: p.stat().st_mtime)
+    records = pickle.loads(newest.read_bytes())[0]
+    assert sorted(records["records"]["digits"][1]) == sorted(table.index)
+    assert sorted(records["finished"]["digits"]) == sorted(table.index[table["status"] == "finished"])
+    study = optuna.load_study(study_name="digits", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))))
+    states = [t.state for t in study.trials if t.state != optuna.trial.TrialState.FAIL]  # FAIL: asked, never run
+    assert sorted(s.name for s in states) == sorted("COMPLETE" if d else "PRUNED" for d in decisions.values())
