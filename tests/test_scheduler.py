@@ -115,6 +115,20 @@ def test_the_spec_refuses_rungs_that_never_come(tmp_path):
     raw["search"]["early_stopping"] = {"rule": "asha"}
     with pytest.raises(SpecError, match="rule"):
         validate(raw)
+    raw["search"]["early_stopping"] = {"rule": True}
+    with pytest.raises(SpecError, match="rule"):
+        validate(raw)
+
+
+def test_rule_off_may_be_written_bare_in_yaml(tmp_path):
+    """YAML reads a bare ``off`` as false: the spec still means the rule ``off`` (and --set works too)."""
+    from vpt_tune.spec import load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: x\nspace: {num_prompts: {int: [1, 4]}}\ntrain: {epochs: 3}\n"
+                    "search: {early_stopping: {rule: off}}\n")
+    assert load_spec(path).search.early_stopping.rule == "off"
+    assert load_spec("demo_asha", ["search.early_stopping.rule=off"]).search.early_stopping.rule == "off"
 
 
 def test_the_tune_scheduler_judges_base_epochs_only_and_learns_from_complete_trials():

@@ -200,6 +200,11 @@ class EarlyStoppingSpec(_Strict):
     min_epochs: int = Field(1, gt=0)
     reduction_factor: int = Field(3, ge=2)
 
+    @field_validator("rule", mode="before")
+    @classmethod
+    def _off_is_false_in_yaml(cls, rule: Any) -> Any:  # YAML 1.1 reads a bare `off` as false
+        return "off" if rule is False else rule
+
 
 class SearchSpec(_Strict):
     """Budget and sampler of the search."""
