@@ -117,6 +117,13 @@ CASES = {
     "unknown_sampler": Case(
         spec_with({"search.sampler": "cmaes"}),
         ("spec.yaml: search.sampler: unknown sampler 'cmaes'", "choose one of tpe, nsga2, gp, random")),
+    "unknown_early_stopping_rule": Case(
+        spec_with({"search.early_stopping": {"rule": "asha"}}),
+        ("spec.yaml: search.early_stopping.rule: Input should be 'off', 'mo_asha' or 'known_cost'", "got 'asha'")),
+    "rung_after_the_schedule": Case(
+        spec_with({"search.early_stopping": {"rule": "known_cost", "min_epochs": 2}}),
+        ("search.early_stopping.min_epochs: 2 leaves no rung before the last of train.epochs 2",
+         "set search.early_stopping.rule: off")),
     "malformed_set": Case(
         spec_with({}, "--set", "search.trials_per_task"),
         ("--set 'search.trials_per_task': expected key.path=value", "e.g. --set search.trials_per_task=8")),
