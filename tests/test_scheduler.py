@@ -155,3 +155,19 @@ def test_the_tune_scheduler_judges_base_epochs_only_and_learns_from_complete_tri
     assert list(scheduler.rungs.finished["t"]) == ["good"]
     assert scheduler.on_trial_result(None, poor, result(1, 0.1)) == TrialScheduler.STOP
     assert scheduler.on_trial_result(None, final, result(1, 0.0)) == TrialScheduler.CONTINUE
+
+
+def test_builtin_specs_stop_early_where_the_schedule_is_long(monkeypatch):
+    from vpt_tune.spec import load_spec
+
+    monkeypatch.setenv("VTAB_ROOT", "/data/vtab-1k")
+    monkeypatch.setenv("FGVC_ROOT", "/data/fgvc")
+    for name in ("vtab_pc", "fgvc_pc", "e2vpt"):
+        spec = load_spec(name)
+        stopping = spec.search.early_stopping
+        assert stopping.rule == "known_cost", name
+        assert rung_epochs(stopping.min_epochs, stopping.reduction_factor, spec.train.epochs) == [10, 30, 90]
+    asha = load_spec("demo_asha").search.early_stopping
+    assert (asha.rule, rung_epochs(asha.min_epochs, asha.reduction_factor, load_spec("demo_asha").train.epochs)) == \
+        ("known_cost", [1, 3])
+    assert load_spec("demo").search.early_stopping.rule == "off" and load_spec("demo").train.epochs == 2

@@ -230,7 +230,10 @@ def start_ray() -> None:
     """Join the cluster ``RAY_ADDRESS`` names (``--address``, or set by Ray in a Ray Job), else start a
     local Ray of our own (never silently join some other cluster running on this machine)."""
     address = os.environ.get("RAY_ADDRESS")
-    local = {} if address else {"address": "local", "include_dashboard": False}
+    # With its dashboard (and so the State API): Ray Train's PlacementGroupCleaner asks the State API whether
+    # a trial's Train controller died, and only then frees its workers' CPUs. Without it, every trial stopped
+    # early (its driver process ends, and its Train run with it) kept one worker's CPUs until the search hung.
+    local = {} if address else {"address": "local", "include_dashboard": True}
     try:
         ray.init(log_to_driver=False, configure_logging=False, **local)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
