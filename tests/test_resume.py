@@ -102,11 +102,12 @@ def test_jobs_differing_only_in_condensation_share_their_trained_model(digits):
 # ---------------------------------------------------------------- killed drivers and workers (real Ray)
 
 
-def _spec_file(tmp_path, trials: int, epochs: int, name: str = "spec.yaml") -> str:
+def _spec_file(tmp_path, trials: int, epochs: int, name: str = "spec.yaml", early_stopping: dict | None = None) -> str:
     from test_search import small_spec
 
     raw = small_spec(tmp_path)
-    raw["search"] = {"sampler": "random", "trials_per_task": trials, "seed": 7}
+    raw["search"] = {"sampler": "random", "trials_per_task": trials, "seed": 7,
+                     **({"early_stopping": early_stopping} if early_stopping else {})}
     raw["train"] = {**raw["train"], "epochs": epochs}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
@@ -196,14 +197,18 @@ def test_driver_killed_at_a_random_moment_resumes_to_the_uninterrupted_results(t
 
 
 @pytest.mark.slow
-def test_killed_train_worker_restarts_from_its_last_epoch(tmp_path):
+@pytest.mark.parametrize("rungs", [[], [1, 3, 9]], ids=["", "early-stopping"])
+def test_killed_train_worker_restarts_from_its_last_epoch(tmp_path, rungs):
+    """Killed once a first checkpoint is registered, the worker group restarts from its last checkpoint. With
+    early stopping, epoch 1 is a rung: a worker restarted there reports it again and waits for its decision."""
     import pandas as pd
 
-    spec = _spec_file(tmp_path, trials=1, epochs=10)  # long enough that the kill lands mid-trial
+    stopping = {"rule": "mo_asha", "min_epochs": 1, "reduction_factor": 3} if rungs else None
+    spec = _spec_file(tmp_path, trials=1, epochs=10, early_stopping=stopping)  # long enough to kill mid-trial
     proc = _cli("search", spec, "--name", "w", cwd=tmp_path)
     runs = tmp_path / "results" / "w" / "train_runs"
     deadline = time.monotonic() + 300
-    def registered() -> bool:  # Ray Train lists a checkpoint in its snapshot only once it is registered
+    def registered() -> bool:  # Ray Train lists a checkpoint (checkpoint_<date>) only once it is registered
         return any("checkpoint_2" in f.read_text() for f in runs.glob("*/checkpoint_manager_snapshot.json"))
 
     while not registered() and time.monotonic() < deadline:
@@ -222,7 +227,10 @@ def test_killed_train_worker_restarts_from_its_last_epoch(tmp_path):
     seen = [(r["epoch"], r.get("resumed_from")) for r in reports]
     assert resumed and min(resumed) >= 1, f"{seen}\n{out[-4000:]}"  # continued after epoch >= 1, not from 0
     first_after = next(r["epoch"] for r in reports if r.get("resumed_from"))
-    assert first_after == min(resumed) + 1, seen  # from the checkpoint's epoch on, not from epoch 1
+    rung_again = min(resumed) in rungs  # a rung checkpoint's epoch is reported again, then training goes on
+    assert first_after == min(resumed) + (not rung_again), seen  # from the checkpoint's epoch on, not from epoch 1
+    asked = [r["epoch"] for r in reports if "rung_decision" in r]
+    assert asked == sorted(rungs + [min(resumed)] * rung_again), seen  # each rung once, a re-reported one twice
     startups = {r["startup_seconds"] for r in reports}
     assert len(startups) == 1, startups  # the restart keeps the first start-up, not the time since it
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from vpt_tune.search.pareto import crowding_distance, nondominated_ranks
-from vpt_tune.search.scheduler import Rungs, dominated_by_finished, pareto_rank_keeps, rung_epochs
-from vpt_tune.spec import SpecError, validate
+from vpt_tune.search.scheduler import Rungs, dominated_by_finished, pareto_rank_keeps
+from vpt_tune.spec import SpecError, rung_epochs, validate
 
 CHEAP, DEAR = (2.0, 1.0), (8.0, 1.2)  # (prompt_tokens, gflops)
 
@@ -131,30 +131,56 @@ def test_rule_off_may_be_written_bare_in_yaml(tmp_path):
     assert load_spec("demo_asha", ["search.early_stopping.rule=off"]).search.early_stopping.rule == "off"
 
 
-def test_the_tune_scheduler_judges_base_epochs_only_and_learns_from_complete_trials():
-    """Rungs count base-training epochs: a condensing trial's later epochs (here 10..29 of 9 + 20) are never
-    judged; a trial's last report (``trial_complete``) makes it a finished trial; final retrains are exempt."""
+def test_the_tune_callback_judges_rung_reports_tells_the_workers_and_learns_from_complete_trials(tmp_path):
+    """Only a rung report (one naming a decision file) is judged, and its decision is written there; a stopped
+    trial's rung result is marked; a trial whose last report is ``trial_complete`` becomes a finished trial."""
     from types import SimpleNamespace
 
-    from ray.tune.schedulers import TrialScheduler
-
-    from vpt_tune.search.scheduler import ParetoRungScheduler
+    from vpt_tune.search.scheduler import STOPPED_AT, RungJudge
+    from vpt_tune.train.rung_decision import RUNG_DECISION, await_decision, decision_file
     from vpt_tune.train.worker import COMPLETE
 
-    scheduler = ParetoRungScheduler(Rungs("known_cost", 1, 3, 9))
-    good, poor, final = (SimpleNamespace(trial_id=name, config=config) for name, config in
-                         [("good", {"task": "t"}), ("poor", {"task": "t"}), ("final", {"final": {"task": "t"}})])
-    result = lambda epoch, acc, **extra: {"epoch": epoch, "val_acc": acc, "prompt_tokens": 2.0, "gflops": 1.0, **extra}
-    assert scheduler.on_trial_result(None, good, result(1, 0.9)) == TrialScheduler.CONTINUE
-    for epoch in (3, 9, 10, 27, 29):  # rung 3, then the last base epoch and condensation epochs: no rungs
-        assert scheduler.on_trial_result(None, good, result(epoch, 0.9 if epoch < 9 else 0.1)) == TrialScheduler.CONTINUE
-    assert set(scheduler.rungs.records["t"]) == {1, 3}
-    scheduler.on_trial_complete(None, good, result(29, 0.95, **{COMPLETE: True}))
-    assert scheduler.rungs.finished == {"t": {"good": (0.95, 2.0, 1.0)}}
-    scheduler.on_trial_complete(None, poor, result(1, 0.1))  # stopped or interrupted: not a finished trial
-    assert list(scheduler.rungs.finished["t"]) == ["good"]
-    assert scheduler.on_trial_result(None, poor, result(1, 0.1)) == TrialScheduler.STOP
-    assert scheduler.on_trial_result(None, final, result(1, 0.0)) == TrialScheduler.CONTINUE
+    judge = RungJudge(Rungs("known_cost", 1, 3, 9))
+    good, poor = (SimpleNamespace(trial_id=name, config={"task": "t"}, last_result={}) for name in ("good", "poor"))
+
+    def result(trial, epoch, acc, rung=True, **extra):
+        report = {"epoch": epoch, "val_acc": acc, "prompt_tokens": 2.0, "gflops": 1.0, **extra}
+        if rung:
+            report[RUNG_DECISION] = str(decision_file(tmp_path / trial.trial_id, epoch))
+        judge.on_trial_result(0, [], trial, report)
+        trial.last_result = report
+        return report
+
+    for epoch in (1, 3):
+        assert STOPPED_AT not in result(good, epoch, 0.9) and await_decision(tmp_path / "good" / f"epoch-{epoch}")
+    for epoch in (2, 9, 10, 29):  # no decision file named: not judged (a condensation epoch, say), none written
+        result(good, epoch, 0.1, rung=False)
+    assert set(judge.rungs.records["t"]) == {1, 3} and sorted(p.name for p in (tmp_path / "good").iterdir()) == \
+        ["epoch-1", "epoch-3"]
+    result(good, 29, 0.95, rung=False, **{COMPLETE: True})
+    judge.on_trial_complete(0, [], good)
+    assert judge.rungs.finished == {"t": {"good": (0.95, 2.0, 1.0)}}
+
+    assert result(poor, 1, 0.1)[STOPPED_AT] == 1  # dominated by good's 0.9 at the same cost
+    assert not await_decision(tmp_path / "poor" / "epoch-1")
+    judge.on_trial_complete(0, [], poor)  # stopped: not a finished trial
+    assert list(judge.rungs.finished["t"]) == ["good"]
+    assert result(poor, 1, 0.99)[STOPPED_AT] == 1  # reported again (a restarted worker group): the same answer
+    assert judge.get_state()["stopped"] == {"poor": 1}
+
+
+def test_a_worker_waits_for_its_decision_and_gives_up_with_a_clear_error(tmp_path):
+    import threading
+
+    from vpt_tune.train.rung_decision import await_decision, decision_file, tell
+
+    path = decision_file(tmp_path / "attempt", 3)
+    threading.Timer(0.3, tell, (path, False)).start()
+    assert await_decision(path, timeout=30) is False  # waited for it
+    tell(path, True)  # rewritten whole (atomically): the last word counts
+    assert await_decision(path) is True and [p.name for p in path.parent.iterdir()] == ["epoch-3"]
+    with pytest.raises(TimeoutError, match=r"no early-stopping decision in .*epoch-1 after 0 s"):
+        await_decision(decision_file(tmp_path / "attempt", 1), timeout=0.2)
 
 
 def test_builtin_specs_stop_early_where_the_schedule_is_long(monkeypatch):

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # real Ray searches
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (2 CPUs, as in CI)."""
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -320,7 +320,7 @@ def rung_replay(client: MlflowClient, experiment: str, rule: str = "mo_asha") ->
 
 
 def test_early_stopping_stops_hopeless_trials_at_the_rung_and_says_so_everywhere(tmp_path, local_ray, capsys):
-    spec = validate(early_stopping_spec(tmp_path, 5))
+    spec = validate(early_stopping_spec(tmp_path, 6, parallel=2))  # more stops than CPUs: none may leak one
     result = run_search(spec, name="asha")
     table = result.table.set_index("trial_id")
     client = MlflowClient(spec.tracking.mlflow_uri)
@@ -330,15 +330,15 @@ def test_early_stopping_stops_hopeless_trials_at_the_rung_and_says_so_everywhere
     assert sorted(decisions) == sorted(table.index)
     assert {t: status == "finished" for t, status in table["status"].items()} == decisions
     stopped = table[table["status"] == "stopped"]
-    assert len(stopped) >= 1  # seed 1 draws hopeless trials after good ones
+    assert len(stopped) >= 3  # seed 1 draws hopeless trials after good ones: more stops than CPUs
     assert all(json.loads(c)["base_lr"] == 1e-6 for c in stopped["config"])
     assert (stopped["stopped_at_epoch"] == 1).all() and (stopped["epoch"] == 1).all()
     assert (table.loc[table["status"] == "finished", "epoch"] == 4).all()
     assert_front(table.reset_index())  # a stopped trial is never on a front
-    # A stopped trial's Train run ends at once: at most the epoch in flight is trained after the rung.
+    # A stopped trial's workers end its Train run at the rung: nothing is trained after it.
     for trial_id in stopped.index:
         snapshot = result.experiment_dir / "train_runs" / f"run_trial_{trial_id}" / "checkpoint_manager_snapshot.json"
-        assert json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] <= 2
+        assert json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] == 1
 
     # Optuna hears PRUNED with the last accuracy and epoch; MLflow and the terminal say stopped.
     study = optuna.load_study(study_name="digits", storage=optuna.storages.JournalStorage(

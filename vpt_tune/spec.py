@@ -205,6 +205,19 @@ class EarlyStoppingSpec(_Strict):
     def _off_is_false_in_yaml(cls, rule: Any) -> Any:  # YAML 1.1 reads a bare `off` as false
         return "off" if rule is False else rule
 
+    def rungs(self, epochs: int) -> list[int]:
+        """The rung epochs of a schedule of ``epochs`` base-training epochs (none when off)."""
+        return [] if self.rule == "off" else rung_epochs(self.min_epochs, self.reduction_factor, epochs)
+
+
+def rung_epochs(min_epochs: int, reduction_factor: int, epochs: int) -> list[int]:
+    """The rung epochs ``min_epochs * reduction_factor**k`` before the last base-training epoch."""
+    rungs, rung = [], min_epochs
+    while rung < epochs:
+        rungs.append(rung)
+        rung *= reduction_factor
+    return rungs
+
 
 class SearchSpec(_Strict):
     """Budget and sampler of the search."""

@@ -7,7 +7,9 @@ trial never starves its own workers on a small machine.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -20,7 +22,7 @@ from vpt_tune.search.router import TASK
 from vpt_tune.spec import Space, Spec
 from vpt_tune.train.job import Job, expected_cost
 from vpt_tune.train.loop import DivergenceError
-from vpt_tune.train.worker import DIVERGED, STARTED_AT, train_worker
+from vpt_tune.train.worker import DIVERGED, RUNGS, STARTED_AT, train_worker
 
 FINAL = "final"  # config key of a final retrain (see make_job)
 # Ray Train's controller polls its workers every 2 s by default; 0.5 s ends a trial sooner
@@ -91,6 +93,10 @@ def run_trial(
     from its latest checkpoint; a killed worker or lost node restarts the worker group from there, up
     to ``train.max_failures`` times. A diverged loss is not retried (it would diverge again): the
     worker reports it and the trial fails with :class:`DivergenceError`.
+
+    With early stopping, the workers wait at each rung for the search's decision in a folder of this
+    driver's own (a fresh one per start: a resumed search, whose restored records may decide a rung
+    anew, never reads a decision its interrupted run wrote).
     """
     spec = Spec.model_validate_json(spec_json)
     job = make_job(spec, task_dirs[trial_task(config)], config)
@@ -98,6 +104,8 @@ def run_trial(
     use_gpu = res.gpus_per_worker > 0
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
     trial_name = tune.get_context().get_trial_name()
+    rungs = [] if FINAL in config else spec.search.early_stopping.rungs(spec.train.epochs)
+    decisions = Path(train_storage, trial_name, "rung_decisions", uuid.uuid4().hex)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -107,6 +115,7 @@ def run_trial(
             "checkpoint_every": spec.train.checkpoint_every,
             "base_store": base_store if spec.train.reuse_base else None,
             STARTED_AT: time.time(),
+            RUNGS: {"epochs": rungs, "folder": str(decisions)},
         },
         scaling_config=ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=use_gpu, resources_per_worker=per_worker

@@ -45,7 +45,7 @@ from vpt_tune.models.backbone import BackboneError, check_weights
 from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources, trial_task
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.router import TASK, TaskRouter
-from vpt_tune.search.scheduler import STOPPED_AT, ParetoRungScheduler, RungRecords, Rungs, StudySearch
+from vpt_tune.search.scheduler import STOPPED_AT, RungJudge, Rungs, StudySearch
 from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.search.summary import summary_markdown, summary_table
 from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri, error_summary
@@ -230,10 +230,7 @@ def start_ray() -> None:
     """Join the cluster ``RAY_ADDRESS`` names (``--address``, or set by Ray in a Ray Job), else start a
     local Ray of our own (never silently join some other cluster running on this machine)."""
     address = os.environ.get("RAY_ADDRESS")
-    # With its dashboard (and so the State API): Ray Train's PlacementGroupCleaner asks the State API whether
-    # a trial's Train controller died, and only then frees its workers' CPUs. Without it, every trial stopped
-    # early (its driver process ends, and its Train run with it) kept one worker's CPUs until the search hung.
-    local = {} if address else {"address": "local", "include_dashboard": True}
+    local = {} if address else {"address": "local", "include_dashboard": False}
     try:
         ray.init(log_to_driver=False, configure_logging=False, **local)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
@@ -679,27 +676,21 @@ class Search:
         }
         totals = dict.fromkeys(self.tasks, self.spec.search.trials_per_task)
         stopping = self.spec.search.early_stopping
-        # One scheduler object in the TuneConfig and in its RungRecords callback: Tune pickles both into
-        # one file (tuner.pkl), so a restored experiment's callback restores the records into its scheduler.
-        scheduler = ParetoRungScheduler(Rungs(stopping.rule, stopping.min_epochs, stopping.reduction_factor,
-                                              self.spec.train.epochs)) if stopping.rule != "off" else None
+        judge = RungJudge(Rungs(stopping.rule, stopping.min_epochs, stopping.reduction_factor,
+                                self.spec.train.epochs)) if stopping.rule != "off" else None
         return tune.Tuner(
             self._trainable(),
             tune_config=tune.TuneConfig(
                 search_alg=TaskRouter(searchers, todo, metric, mode),
-                scheduler=scheduler,
                 num_samples=sum(todo.values()),
                 max_concurrent_trials=parallel,
-                # A stopped trial's driver is still inside TorchTrainer.fit(), so Tune cannot reuse it (and
-                # errs on the next trial); ending its process ends its Train run at once (Ray kills the
-                # actors a process owns with it).
-                reuse_actors=REUSE_TRIAL_ACTORS and scheduler is None,
+                reuse_actors=REUSE_TRIAL_ACTORS,
             ),
             run_config=tune.RunConfig(
                 name="search" if index == 0 else f"search.more{index}",
                 storage_path=str(self.experiment_dir),
                 verbose=0,
-                callbacks=[*([RungRecords(scheduler)] if scheduler else []), TrialLogger(self.tracker, self.task_runs),
+                callbacks=[*([judge] if judge else []), TrialLogger(self.tracker, self.task_runs),
                            ProgressPrinter(totals, done)],
             ),
         )

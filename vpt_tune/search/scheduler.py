@@ -22,7 +22,8 @@ and condensation epochs never count). When a trial reports a rung epoch, :class:
 
 Decisions depend only on the order of results, are made once per trial and rung (a trial that resumes
 from an earlier checkpoint and reports a rung again gets the same answer), and the records travel with
-Tune's experiment state (:class:`RungRecords`), so a resumed search decides as the uninterrupted one.
+Tune's experiment state (:class:`RungJudge`), so a resumed search decides as the uninterrupted one. A
+stopped trial's workers end its Train run themselves (:mod:`vpt_tune.train.rung_decision`).
 """
 
 from __future__ import annotations
@@ -33,25 +34,17 @@ from typing import Any
 
 import numpy as np
 from ray import tune
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from vpt_tune.search.driver import FINAL, trial_task
+from vpt_tune.search.driver import trial_task
 from vpt_tune.search.pareto import crowding_distance, nondominated_ranks
+from vpt_tune.spec import rung_epochs
+from vpt_tune.train.rung_decision import RUNG_DECISION, tell
 from vpt_tune.train.worker import COMPLETE
 
 STOPPED_AT = "stopped_at_epoch"  # result key of a stopped trial's last result: the rung it stopped at
 
 Point = tuple[float, float, float]  # (accuracy, prompt_tokens, gflops)
-
-
-def rung_epochs(min_epochs: int, reduction_factor: int, epochs: int) -> list[int]:
-    """The rung epochs ``min_epochs * reduction_factor**k`` before the last base-training epoch."""
-    rungs, rung = [], min_epochs
-    while rung < epochs:
-        rungs.append(rung)
-        rung *= reduction_factor
-    return rungs
 
 
 def _minimised(points: list[Point]) -> np.ndarray:
@@ -143,44 +136,39 @@ def _costs(result: dict) -> tuple[float, float]:
     return float(result["prompt_tokens"]), float(result["gflops"])
 
 
-class ParetoRungScheduler(FIFOScheduler):
-    """Ray Tune scheduler of :class:`Rungs` decisions: STOP at a rung, CONTINUE otherwise. Final
-    retrains are never judged. Pair it with :class:`RungRecords` in the run's callbacks."""
+class RungJudge(tune.Callback):
+    """The early-stopping scheduler of a search, as a Tune callback: judges each rung report with
+    :class:`Rungs`, writes the decision to the file the report names (the trial's workers wait for it
+    and, told to stop, end their Train run themselves: see :mod:`vpt_tune.train.rung_decision`), marks
+    a stopped trial's rung result with :data:`STOPPED_AT` (which the searcher, the trial table and MLflow
+    read), learns finished trials' final points, and keeps its records with Tune's experiment state.
+
+    A callback, not a Tune ``TrialScheduler``: it never stops a trial itself (see rung_decision), and
+    Tune saves callback state with the experiment, scheduler state not."""
 
     def __init__(self, rungs: Rungs):
-        super().__init__()
         self.rungs = rungs
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if FINAL in trial.config or "epoch" not in result:
-            return TrialScheduler.CONTINUE
-        keeps = self.rungs.judge(trial_task(trial.config), trial.trial_id, int(result["epoch"]),
-                                 result.get("val_acc"), _costs(result))
-        return TrialScheduler.CONTINUE if keeps else TrialScheduler.STOP
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if RUNG_DECISION not in result:  # not a rung report (final retrains never make one)
+            return
+        epoch = int(result["epoch"])
+        keeps = self.rungs.judge(trial_task(trial.config), trial.trial_id, epoch, result.get("val_acc"),
+                                 _costs(result))
+        if not keeps:
+            result[STOPPED_AT] = epoch  # Tune keeps the callbacks' changes in the trial's last result
+        tell(result[RUNG_DECISION], keeps)
 
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        if FINAL not in trial.config and result and result.get(COMPLETE):
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result
+        if result.get(COMPLETE):
             self.rungs.finish(trial_task(trial.config), trial.trial_id, float(result["val_acc"]), _costs(result))
 
-
-class RungRecords(tune.Callback):
-    """Keeps a :class:`ParetoRungScheduler`'s records with Tune's experiment state (Tune saves callback
-    state, not scheduler state) and marks a stopped trial's last result with :data:`STOPPED_AT`, which
-    the searcher, the trial table and MLflow read."""
-
-    def __init__(self, scheduler: ParetoRungScheduler):
-        self.scheduler = scheduler
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        epoch = self.scheduler.rungs.stopped.get(trial.trial_id)
-        if epoch is not None and result.get("epoch") == epoch:
-            result[STOPPED_AT] = epoch  # Tune keeps the callbacks' changes in the trial's last result
-
     def get_state(self) -> dict[str, Any]:
-        return self.scheduler.rungs.state()
+        return self.rungs.state()
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.scheduler.rungs.load_state(state)
+        self.rungs.load_state(state)
 
 
 class StudySearch(OptunaSearch):

@@ -27,12 +27,18 @@ from ray.train.torch import get_device, prepare_model
 
 from vpt_tune.train.job import CHECKPOINT_FILE, Job, run
 from vpt_tune.train.loop import DivergenceError
+from vpt_tune.train.rung_decision import RUNG_DECISION, await_decision, decision_file
 
 DIVERGED = "diverged"  # metric carrying a DivergenceError's message to the trial
 NODE = "node_id"  # result key: the Ray node rank 0 trains on
 COMPLETE = "trial_complete"  # result key, in a trial's last report only: it ran to its end
 REUSED_BASE = "reused_base_from"  # result key: the trial whose trained, uncondensed model this one started from
 STARTED_AT = "trial_started_at"  # config key: when the trial's driver started the TorchTrainer (time.time())
+RUNGS = "rungs"  # config key: {"epochs": the rung epochs, "folder": where their decisions are written}
+
+
+class StoppedAtRung(Exception):
+    """The search stopped the trial at a rung: the worker ends its training function early."""
 
 
 def load_checkpoint(checkpoint: ray.train.Checkpoint | None) -> dict | None:
@@ -54,6 +60,10 @@ def save_base(path: Path, state: dict) -> None:
 
 def train_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the trial's TorchTrainer; ``config`` = {"job": asdict(Job), "report": {...}}.
+
+    With early stopping (``config[RUNGS]``), a report of a rung epoch names a decision file and the worker
+    waits for the search's decision (:mod:`vpt_tune.train.rung_decision`); on stop it returns at once, so the
+    Train run ends as a finished one does. A worker restarted from a checkpoint taken at a rung asks again.
 
     Besides the job's metrics it reports where a trial's time goes before training: ``startup_seconds``
     (the driver starting the TorchTrainer until this function runs: Ray Train's controller, the worker
@@ -80,14 +90,20 @@ def train_worker(config: dict[str, Any]) -> None:
         constant_metrics = {**constant_metrics, REUSED_BASE: resume["source"]}
     last: dict[str, Any] = resume["report"] if resume else {"epoch": -1, "metrics": {}, "train_seconds": 0.0}
     constant_metrics = {**constant_metrics, NODE: ray.get_runtime_context().get_node_id()}  # rank 0's reaches Tune
+    rungs = config.get(RUNGS) or {"epochs": []}
 
-    def report(epoch: int, metrics: dict[str, float], state: dict | None) -> None:
+    def report(epoch: int, metrics: dict[str, float], state: dict | None) -> bool:
+        """Report ``epoch`` (0-based), with a checkpoint of ``state`` if given; whether the trial trains on
+        (at a rung: the search's decision)."""
+        rung = decision_file(rungs["folder"], epoch + 1) if epoch + 1 in rungs["epochs"] else None
         with tempfile.TemporaryDirectory() as tmp:
             if state is not None and rank == 0:
                 torch.save({**state, "report": dict(last), "job": asdict(job), "timing": timing},
                            Path(tmp) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if state is not None and rank == 0 else None
-            ray.train.report({**constant_metrics, **timing, **metrics, "epoch": epoch + 1}, checkpoint=checkpoint)
+            ray.train.report({**constant_metrics, **timing, **metrics, "epoch": epoch + 1,
+                              **({RUNG_DECISION: str(rung)} if rung else {})}, checkpoint=checkpoint)
+        return rung is None or await_decision(rung)
 
     def on_epoch(epoch: int, metrics: dict[str, float], checkpoint) -> None:
         if "setup_seconds" not in timing:  # this worker's first epoch began once the model and data were ready
@@ -97,12 +113,20 @@ def train_worker(config: dict[str, Any]) -> None:
         if base_file is not None and rank == 0 and epoch + 1 == job.base_epochs and not base_file.exists():
             source = context.get_experiment_name()  # the trial's Train run, named after the trial
             save_base(base_file, {**checkpoint(), "report": dict(last), "job": asdict(job), "source": source})
-        if epoch + 1 < job.total_epochs:  # the last epoch is reported with the final metrics below
-            report(epoch, last["metrics"], checkpoint() if (epoch + 1) % every == 0 else None)
+        if epoch + 1 == job.total_epochs:  # reported with the final metrics below
+            return
+        if not report(epoch, last["metrics"], checkpoint() if (epoch + 1) % every == 0 else None):
+            raise StoppedAtRung
 
+    # Restarted from a checkpoint taken at a rung: its decision may be unread (or, in a resumed search, not made
+    # yet): report the rung again and wait (a search decides each trial's rung once, so the answer is the same).
+    if resume and last["epoch"] + 1 in rungs["epochs"] and not report(last["epoch"], last["metrics"], None):
+        return
     wrap = prepare_model if world > 1 else (lambda model: model)
     try:
         model, final = run(job, get_device(), on_epoch, (rank, world), wrap, resume)  # final: incl. the final cost
+    except StoppedAtRung:
+        return
     except DivergenceError as err:  # deterministic: report it (with a checkpoint, so the result keeps it) instead
         with tempfile.TemporaryDirectory() as tmp:  # of failing the worker group, which Ray Train would retry
             Path(tmp, CHECKPOINT_FILE).write_text(str(err))
