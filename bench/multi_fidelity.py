@@ -19,9 +19,10 @@ reach the grid's total (60 x 9 = 540; trials in flight then are dropped); repeat
 search pays for them. Strategies:
 
 - ``random``, ``tpe``: full fidelity (``Rungs("off")``), Optuna's samplers as ``make_sampler`` builds them;
-- ``mo_asha+random``, ``mo_asha+tpe``: vpt-tune's ``Rungs("mo_asha")`` (rungs at epochs 1 and 3);
+- ``mo_asha+random``, ``mo_asha+tpe``: vpt-tune's ``Rungs("mo_asha")`` (rungs at epochs 1 and 3; with
+  ``--min-epochs 3`` at epoch 3 only);
 - ``known_cost+tpe``: ``Rungs("known_cost")``;
-- ``syne_moasha+random``: Syne Tune's own ``MOASHA`` (max_t 9, grace_period 1, reduction_factor 3, random
+- ``syne_moasha+random``: Syne Tune's own ``MOASHA`` (max_t 9, grace_period = the first rung, reduction_factor 3, random
   proposals from its ``suggest``, with replacement), if Syne Tune is installed (optional: ``pip install
   syne-tune``). Its scheduler object is driven through its public API (``suggest`` / ``on_trial_add`` /
   ``on_trial_result`` / ``on_trial_remove``, as its Tuner calls them) by this simulator rather than by Syne
@@ -52,7 +53,7 @@ TPE's median never reaches it, that is said in the JSON, and known_cost+TPE at 1
 against TPE at the whole budget, where TPE is best); (b) known_cost+TPE's median HV is at least Syne Tune
 MOASHA's at every printed budget.
 
-    python bench/multi_fidelity.py [--tasks digits fashion_mnist] [--seeds 20] [--workers 4] [--record]
+    python bench/multi_fidelity.py [--tasks digits fashion_mnist] [--seeds 20] [--workers 4] [--min-epochs 1] [--record]
     python bench/multi_fidelity.py --record-only    # record what is missing (hours on 1 CPU thread), no replay
 """
 
@@ -87,7 +88,8 @@ from vpt_tune.spec import OBJECTIVES, SearchSpec, Spec, load_spec, rung_epochs
 from vpt_tune.train import job as jobs
 from vpt_tune.train.loop import DivergenceError
 
-EPOCHS = 9  # rungs at 1 and 3 epochs (min_epochs 1, reduction_factor 3), the last at 9
+EPOCHS = 9  # by default rungs at 1 and 3 epochs (--min-epochs 1, reduction factor 3), the last at 9
+REDUCTION = 3
 GRID = [  # bench/search_quality.py's grid, trained for EPOCHS epochs
     "space.num_prompts={choice: [1, 2, 4, 8, 16]}",
     "space.placement={choice: [shallow, deep, last_k]}",
@@ -231,14 +233,14 @@ class OptunaRungs(Strategy):
     """An Optuna study asked for configs (ask/tell, DefineByRun), stop decisions from vpt-tune's :class:`Rungs`
     (``off``: full fidelity). Finished trials are told COMPLETE, stopped ones PRUNED (as StudySearch does)."""
 
-    def __init__(self, grid: Grid, sampler: str, rule: str, seed: int):
+    def __init__(self, grid: Grid, sampler: str, rule: str, seed: int, min_epochs: int):
         self.grid = grid
         self.study = optuna.create_study(
             directions=["maximize" if mode == "max" else "minimize" for mode in OBJECTIVES.values()],
             sampler=make_sampler(SearchSpec(sampler=sampler, trials_per_task=TPE_TRIALS, seed=seed), grid.spec.space),
         )
         self.define = DefineByRun(grid.spec.space)
-        self.rungs = Rungs(rule, min_epochs=1, reduction_factor=3, epochs=EPOCHS)
+        self.rungs = Rungs(rule, min_epochs=min_epochs, reduction_factor=REDUCTION, epochs=EPOCHS)
         self.cost_stops = 0  # known_cost: stops that mo_asha's ranking alone would not have made
 
     def ask(self):
@@ -250,7 +252,8 @@ class OptunaRungs(Strategy):
         keeps = self.rungs.judge(self.grid.task, str(trial.number), epoch, acc, costs)
         if not keeps and self.rungs.rule == "known_cost" and self.rungs.stopped.get(str(trial.number)) == epoch:
             at_rung = self.rungs.records[self.grid.task][epoch]
-            self.cost_stops += pareto_rank_keeps(list(at_rung.values()), list(at_rung).index(str(trial.number)), 3)
+            self.cost_stops += pareto_rank_keeps(list(at_rung.values()), list(at_rung).index(str(trial.number)),
+                                                 REDUCTION)
         return keeps
 
     def complete(self, trial, acc, costs):
@@ -286,7 +289,7 @@ class SyneTuneMOASHA(Strategy):
     trial's decision follows the position of the worst item instead of its own (see the module docstring);
     the correction hands the bracket the inverse permutation, i.e. the ranks."""
 
-    def __init__(self, grid: Grid, seed: int, ranked: bool = False):
+    def __init__(self, grid: Grid, seed: int, min_epochs: int, ranked: bool = False):
         from syne_tune.backend.trial_status import Trial
         from syne_tune.config_space import choice
         from syne_tune.optimizer.scheduler import SchedulerDecision
@@ -303,7 +306,8 @@ class SyneTuneMOASHA(Strategy):
         space = {name: choice(list(param.choice)) for name, param in grid.spec.space.searched().items()}
         np.random.seed(seed)  # its suggest and bracket draws use numpy's global generator
         self.scheduler = MOASHA(space, metrics=["val_err", "prompt_tokens", "gflops"], do_minimize=True,
-                                time_attr="epoch", max_t=EPOCHS, grace_period=1, reduction_factor=3,
+                                time_attr="epoch", max_t=EPOCHS, grace_period=min_epochs,
+                                reduction_factor=REDUCTION,
                                 multiobjective_priority=RankedPriority() if ranked else None, random_seed=seed)
         self.trials = 0
 
@@ -353,7 +357,7 @@ class Search:
         return next(((e, t) for e, t, hv in self.history if hv >= target), (math.inf, math.inf))
 
 
-def simulate(grid: Grid, strategy: Strategy, workers: int) -> Search:
+def simulate(grid: Grid, strategy: Strategy, workers: int, rungs: list[int]) -> Search:
     """An asynchronous search of ``workers`` parallel workers over the recorded curves, until the epochs consumed
     reach the grid's total. A free worker asks for a config at once; an epoch takes its recorded seconds; events
     run in simulated-time order (ties: the lower worker first); after each epoch the trial's recorded accuracy
@@ -396,7 +400,7 @@ def simulate(grid: Grid, strategy: Strategy, workers: int) -> Search:
             continue
         if consumed < budget:
             start(worker, now)
-    return Search(history, trials, done, stops, {e: reached.get(e, 0) for e in rung_epochs(1, 3, EPOCHS)},
+    return Search(history, trials, done, stops, {e: reached.get(e, 0) for e in rungs},
                   getattr(strategy, "cost_stops", 0), front_configs_lost(stopped, finished, grid.pareto), repeats,
                   now)
 
@@ -420,14 +424,15 @@ FRACTIONS = (0.10, 0.25, 0.50, 1.00)
 TARGET = 0.95
 
 
-def replay(grid: Grid, name: str, seeds: int, workers: int) -> dict:
-    """``seeds`` searches of strategy ``name``; the medians the table prints and the per-seed values."""
-    searches = []
+def replay(grid: Grid, name: str, seeds: int, workers: int, min_epochs: int) -> dict:
+    """``seeds`` searches of strategy ``name`` with rungs from ``min_epochs`` on; the medians the table prints
+    and the per-seed values."""
+    searches, rungs = [], rung_epochs(min_epochs, REDUCTION, EPOCHS)
     for seed in range(seeds):
         setting = STRATEGIES[name]
-        strategy = (SyneTuneMOASHA(grid, seed, ranked="ranked" in name) if setting is None
-                    else OptunaRungs(grid, *setting, seed))
-        searches.append(simulate(grid, strategy, workers))
+        strategy = (SyneTuneMOASHA(grid, seed, min_epochs, ranked="ranked" in name) if setting is None
+                    else OptunaRungs(grid, *setting, seed, min_epochs))
+        searches.append(simulate(grid, strategy, workers, rungs))
     budgets = [round(f * grid.epochs) for f in FRACTIONS]
     hv = {b: [s.hv_at(b) for s in searches] for b in budgets}
     reach = np.array([s.reach(TARGET) for s in searches])
@@ -442,9 +447,9 @@ def replay(grid: Grid, name: str, seeds: int, workers: int) -> dict:
         "finished": float(np.median([s.finished for s in searches])),
         "repeats": float(np.median([s.repeats for s in searches])),
         "stops_by_rung": {str(e): float(np.median([s.stops.get(e, 0) for s in searches]))
-                          for e in rung_epochs(1, 3, EPOCHS)},
+                          for e in rungs},
         "kept_at_rung": {str(e): float(np.median([1 - s.stops.get(e, 0) / max(1, s.reached[e]) for s in searches]))
-                         for e in rung_epochs(1, 3, EPOCHS)},
+                         for e in rungs},
         "known_cost_stops": float(np.median([s.cost_stops for s in searches])),
         "pareto_configs_lost": float(np.median([s.pareto_lost for s in searches])),
         "seconds_at_budget": float(np.median([s.seconds for s in searches])),
@@ -499,6 +504,8 @@ def main() -> None:
     parser.add_argument("--record-only", action="store_true", help="record what is missing, compare nothing")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--min-epochs", type=int, default=1, choices=[1, 2, 3, 4, 5, 6, 7, 8],
+                        help="the first rung (then x3 before epoch 9): 1 gives rungs 1 and 3, 3 gives rung 3")
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     args = parser.parse_args()
 
@@ -522,14 +529,16 @@ def main() -> None:
         print(missing, flush=True)
         strategies = [name for name in strategies if STRATEGIES[name] is not None]
 
+    rungs = [str(e) for e in rung_epochs(args.min_epochs, REDUCTION, EPOCHS)]
     summary: dict = {"seeds": args.seeds, "workers": args.workers, "epochs_per_trial": EPOCHS, "target": TARGET,
+                     "rungs": [int(e) for e in rungs],
                      "syne_tune": missing is None, "tasks": {}}
     started_all = time.monotonic()
     for task, grid in grids.items():
         results = {}
         for name in strategies:
             started = time.monotonic()
-            results[name] = replay(grid, name, args.seeds, args.workers)
+            results[name] = replay(grid, name, args.seeds, args.workers, args.min_epochs)
             print(f"{task} {name}: {args.seeds} searches in {time.monotonic() - started:.1f} s", flush=True)
         summary["tasks"][task] = {
             "grid_points": len(grid.keys), "budget_epochs": grid.epochs, "grid_hv": grid.hv,
@@ -546,12 +555,12 @@ def main() -> None:
               f"{data['pareto_configs']} configs on the grid's front; medians")
         header = "".join(f"{'HV@' + k:>9s}" for k in (f"{f:.0%}" for f in FRACTIONS))
         print(f"{'strategy':26s}{header}{'ep->0.95':>10s}{'min->0.95':>10s}{'trials':>8s}{'done':>6s}"
-              f"{'kept@1':>7s}{'kept@3':>7s}{'PF lost':>8s}")  # PF lost: distinct front configs
+              + "".join(f"{'kept@' + e:>7s}" for e in rungs) + f"{'PF lost':>8s}")  # distinct front configs
         for name, r in data["strategies"].items():
             print(f"{name:26s}" + "".join(f"{v:9.3f}" for v in r["hv"].values())
                   + f"{_epochs(r['epochs_to_target'], budget):>10s}{_minutes(r['seconds_to_target']):>10s}"
-                  f"{r['trials']:8.0f}{r['finished']:6.0f}{r['kept_at_rung']['1']:7.2f}{r['kept_at_rung']['3']:7.2f}"
-                  f"{r['pareto_configs_lost']:8.1f}")
+                  f"{r['trials']:8.0f}{r['finished']:6.0f}" + "".join(f"{r['kept_at_rung'][e]:7.2f}" for e in rungs)
+                  + f"{r['pareto_configs_lost']:8.1f}")
         for key, target in data["targets"].items():
             print(f"target ({key}): {'met' if target['met'] else 'NOT met' if target['met'] is False else 'n/a'}"
                   + (f" - {target['note']}" if "note" in target else ""))
