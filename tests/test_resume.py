@@ -266,7 +266,8 @@ def test_driver_killed_mid_rung_resumes_to_the_same_stopping_decisions(tmp_path)
     assert (table["status"] == "stopped").any()
     # The resumed scheduler went on from the records saved before the kill: its last saved state holds the
     # rung results of every trial, those that ended before the kill included (they never ran again).
-    newest = max((experiment / "search").glob("callback-states-*.pkl"), key=lambda p: p.stat().st_mtime)
+    # The newest by the session start in its name: Tune rewrites every session's files at the end (equal mtimes).
+    newest = max((experiment / "search").glob("callback-states-*.pkl"), key=lambda p: p.name)
     records = pickle.loads(newest.read_bytes())[0]
     assert sorted(records["records"]["digits"][1]) == sorted(table.index)
     assert sorted(records["finished"]["digits"]) == sorted(table.index[table["status"] == "finished"])
