@@ -82,7 +82,8 @@ from vpt_tune.data.demo import materialise
 from vpt_tune.search.driver import make_job
 from vpt_tune.search.hypervolume import hypervolume, reference_point
 from vpt_tune.search.pareto import pareto_mask
-from vpt_tune.search.scheduler import STOPPED_AT, Rungs, pareto_rank_keeps
+from vpt_tune.search.results import STOPPED_AT
+from vpt_tune.search.scheduler import Rungs, pareto_rank_keeps
 from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.spec import OBJECTIVES, SearchSpec, Spec, load_spec, rung_epochs
 from vpt_tune.train import job as jobs

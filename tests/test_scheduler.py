@@ -136,7 +136,8 @@ def test_the_tune_callback_judges_rung_reports_tells_the_workers_and_learns_from
     trial's rung result is marked; a trial whose last report is ``trial_complete`` becomes a finished trial."""
     from types import SimpleNamespace
 
-    from vpt_tune.search.scheduler import STOPPED_AT, RungJudge
+    from vpt_tune.search.results import STOPPED_AT
+    from vpt_tune.search.scheduler import RungJudge
     from vpt_tune.train.rung_decision import RUNG_DECISION, await_decision, decision_file
     from vpt_tune.train.worker import COMPLETE
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 import vpt_tune
 
 from vpt_tune.cli import main
-from vpt_tune.search.runner import run_search
+from vpt_tune.search.runner import resume_search, run_search
 from vpt_tune.spec import SpecError, load_spec, validate
 
 from conftest import assert_front
@@ -56,6 +56,12 @@ def small_spec(tmp_path, **sections) -> dict:
 def _runs(client: MlflowClient, experiment: str) -> list:
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _same_trained(one: Path, other: Path) -> bool:
+    """Whether two exported trials hold the same trained tensors."""
+    one, other = (torch.load(path, weights_only=True)["trainable"] for path in (one, other))
+    return one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
 
 
 def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
@@ -154,6 +160,26 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
     # The same experiment name is refused before anything runs.
     with pytest.raises(SpecError, match="exists already.*vpt-tune resume"):
         run_search(spec, name="exp")
+
+    # Moved to another folder, the experiment prints its fronts, exports and resumes: its table holds
+    # paths relative to it, and Tune and Ray Train restore from where it is now.
+    moved = tmp_path / "elsewhere" / "exp"
+    moved.parent.mkdir()
+    result.experiment_dir.rename(moved)
+    capsys.readouterr()
+    assert main(["pareto", str(moved)]) == 0
+    assert best["trial_id"] in capsys.readouterr().out
+    assert main(["export", str(moved), "--task", "digits", "--trial", best["trial_id"], str(tmp_path / "m.pt")]) == 0
+    assert _same_trained(out, tmp_path / "m.pt")
+    more = resume_search(moved, ["search.trials_per_task=3"]).table
+    assert len(more) == 3 and (more["status"] == "finished").all()
+    assert all((moved / c / "trainable.pt").is_file() for c in more["checkpoint"])
+    assert not result.experiment_dir.exists()  # nothing written where it was
+    # Without its train_runs/ (not copied along), a Pareto trial exports from the copy in its MLflow run.
+    for folder in (moved / "train_runs").iterdir():
+        folder.rename(tmp_path / folder.name)
+    assert main(["export", str(moved), "--task", "digits", "--trial", best["trial_id"], str(tmp_path / "f.pt")]) == 0
+    assert _same_trained(out, tmp_path / "f.pt")
 
 
 def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):

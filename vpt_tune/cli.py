@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import traceback
 import urllib.parse
+from pathlib import Path
 
 from vpt_tune.errors import UserError
 
@@ -94,12 +96,14 @@ def _follow(submission, args: argparse.Namespace) -> None:
 
 
 def _summary(result, started: float) -> None:
+    from vpt_tune.search.results import format_table
+
     table = result.table
     finished, stopped = table[table["status"] == "finished"], int((table["status"] == "stopped").sum())
     early = f" ({stopped} stopped early)" if stopped else ""
     print(f"\nfinished {len(finished)}/{len(table)} trials{early} in {(time.monotonic() - started) / 60:.1f} min")
     if not finished.empty:
-        print(_format_table(table[table["pareto"]]))
+        print(format_table(table[table["pareto"]], shutil.get_terminal_size((100, 24)).columns))
     if "test_acc" in table:
         from vpt_tune.search.summary import summary_markdown, summary_table
 
@@ -112,62 +116,76 @@ def _summary(result, started: float) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from vpt_tune.export import export_trial
-    from vpt_tune.search.runner import load_table
+    from vpt_tune.search.results import load_table
 
     table = load_table(args.experiment)
     rows = table[(table["task"] == args.task) & (table["trial_id"] == args.trial)]
     if rows.empty:
         known = ", ".join(f"{t}/{i}" for t, i in zip(table["task"], table["trial_id"]))
         raise UserError(f"no trial {args.task}/{args.trial} in {args.experiment}; trials: {known}")
-    out = export_trial(rows.iloc[0].to_dict(), args.out)
+    out = export_trial(Path(args.experiment).expanduser(), rows.iloc[0].to_dict(), args.out)
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB); load it with vpt_tune.load({str(out)!r})")
 
 
-def _format_table(table) -> str:
-    tested = ["test_acc", "test_acc_std"] if "test_acc" in table else []
-    columns = ["task", "trial_id", "status", "val_acc", *tested, "prompt_tokens", "gflops", "pareto", "config"]
-    shown = table[columns].copy()
-    if "stopped_at_epoch" in table:  # a stopped trial's val_acc is its accuracy at the rung it stopped at
-        shown["status"] = [f"stopped@{epoch:.0f}" if status == "stopped" and epoch == epoch else status
-                           for status, epoch in zip(table["status"], table["stopped_at_epoch"])]
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
 def _pareto(args: argparse.Namespace) -> None:
-    import pandas as pd
+    from vpt_tune.search import results
 
-    from vpt_tune.search.runner import FINAL_COLUMNS, METRIC_COLUMNS, load_table
-
-    table = load_table(args.experiment)
+    output = Path(args.output) if args.output else None
+    if output and not output.parent.is_dir():
+        raise UserError(f"--output {output}: the folder {output.parent} does not exist; create it or write elsewhere")
+    if args.format == "parquet" and not output:
+        raise UserError("--format parquet needs --output FILE.parquet")
+    if args.summary and (args.all or args.wide):
+        raise UserError("--summary reads every finished trial already; drop --all / --wide")
+    table = results.load_table(args.experiment)
     if args.summary:
         from vpt_tune.search.summary import summary_markdown, summary_table
 
-        print(summary_markdown(summary_table(table)))
-        return
-    if not args.all:
-        table = table[table["pareto"]]
-    if args.format == "table":
-        print(_format_table(table))
-    elif args.format == "json":
-        records = [
-            {
-                "task": row["task"],
-                "trial_id": row["trial_id"],
-                "status": row["status"],
-                "config": json.loads(row["config"]),
-                "metrics": {k: row[k] for k in (*METRIC_COLUMNS, *FINAL_COLUMNS) if k in row and pd.notna(row[k])},
-                "pareto": bool(row["pareto"]),
-            }
-            for row in table.to_dict("records")
-        ]
-        print(json.dumps(records, indent=2, default=float))
-    elif args.format == "csv":
-        print(table.to_csv(index=False), end="")
+        table = summary_table(table)
+        text = summary_markdown(table) if args.format == "table" else None
     else:
-        if not args.output:
-            raise UserError("--format parquet needs --output FILE.parquet")
-        table.to_parquet(args.output, index=False)
-        print(f"wrote {len(table)} rows to {args.output}")
+        table = results.sort_table(table if args.all else table[table["pareto"]])
+        text = (results.wide_table(table) if args.wide else results.format_table(table, _width(output))) \
+            if args.format == "table" else None
+    if args.format == "json":
+        text = json.dumps(_records(table, args.summary), indent=2, default=float)
+    elif args.format == "csv":
+        text = table.to_csv(index=False)
+    if output is None:
+        print(text, end="" if text.endswith("\n") else "\n")
+    elif args.format == "parquet":
+        table.to_parquet(output, index=False)
+    else:
+        output.write_text(text if text.endswith("\n") else text + "\n")
+    if output:
+        print(f"wrote {len(table)} rows to {output}")
+
+
+def _width(output) -> int:
+    """The table width: the terminal's (100 when it is not one), unlimited in a file."""
+    return 10**6 if output else shutil.get_terminal_size((100, 24)).columns
+
+
+def _records(table, summary: bool) -> list[dict]:
+    """``pareto --format json``: a summary's rows as they are; a trial as task, id, status, config (an
+    object), metrics (the ones it has) and its front flag."""
+    import pandas as pd
+
+    from vpt_tune.search.results import FINAL_COLUMNS, METRIC_COLUMNS
+
+    if summary:
+        return table.to_dict("records")
+    return [
+        {
+            "task": row["task"],
+            "trial_id": row["trial_id"],
+            "status": row["status"],
+            "config": json.loads(row["config"]),
+            "metrics": {k: row[k] for k in (*METRIC_COLUMNS, *FINAL_COLUMNS) if k in row and pd.notna(row[k])},
+            "pareto": bool(row["pareto"]),
+        }
+        for row in table.to_dict("records")
+    ]
 
 
 def _cost(args: argparse.Namespace) -> None:
@@ -240,14 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(resume)
     resume.set_defaults(func=_resume)
 
-    pareto = sub.add_parser("pareto", help="print the Pareto fronts of a finished experiment")
+    pareto = sub.add_parser(
+        "pareto", help="print the Pareto fronts of a finished experiment",
+        description="The trials on each task's front (all trials with --all), by task, most accurate first: "
+        "accuracy in %, prompt tokens (mean per block), GFLOPs per image, * on the front, the config on one line. "
+        "stopped@N: stopped early at epoch N.")
     pareto.add_argument("experiment", help="experiment directory printed by `vpt-tune search`")
     pareto.add_argument("--all", action="store_true", help="all trials, not only Pareto-optimal ones")
     pareto.add_argument("--summary", action="store_true",
                         help="per task, group and benchmark: the most accurate point and the cheapest within 1 "
                         "point of it (test accuracy where the final protocol ran, else validation)")
+    pareto.add_argument("--wide", action="store_true", help="table: every column, the config as JSON (wide)")
     pareto.add_argument("--format", choices=["table", "json", "csv", "parquet"], default="table")
-    pareto.add_argument("--output", "-o", help="file to write (required for parquet)")
+    pareto.add_argument("--output", "-o", metavar="FILE",
+                        help="write to FILE instead of printing (required for parquet)")
     pareto.set_defaults(func=_pareto)
 
     export = sub.add_parser(

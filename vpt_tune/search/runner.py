@@ -45,7 +45,10 @@ from vpt_tune.models.backbone import BackboneError, check_weights
 from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources, trial_task
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.router import TASK, TaskRouter
-from vpt_tune.search.scheduler import STOPPED_AT, RungJudge, Rungs, StudySearch
+from vpt_tune.search.results import (
+    METRIC_COLUMNS, PROMPTS_ARTIFACT, STATE_FILE, STOPPED_AT, TABLE_FILE, TRAIN_RUNS, experiment_relative, read_table,
+)
+from vpt_tune.search.scheduler import RungJudge, Rungs, StudySearch
 from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.search.summary import summary_markdown, summary_table
 from vpt_tune.search.tracking import Tracker, TrialLogger, default_tracking_uri, error_summary
@@ -53,14 +56,7 @@ from vpt_tune.spec import OBJECTIVES, Param, Spec, SpecError, load_spec
 from vpt_tune.train.job import resolve_weights
 from vpt_tune.train.worker import COMPLETE, REUSED_BASE
 
-METRIC_COLUMNS = (
-    "val_acc", "val_acc_uncondensed", "val_acc_unpruned", "prompt_tokens", "kv_tokens", "gflops", "trainable_params",
-    "train_loss", "epoch", "train_seconds", "startup_seconds", "setup_seconds", STOPPED_AT,
-)
-TABLE_FILE = "trials.parquet"
-STATE_FILE = "experiment.json"  # MLflow URI and run ids, so `vpt-tune resume` continues the same runs
 TEST_OBJECTIVES = {"test_acc": "max", **{k: v for k, v in OBJECTIVES.items() if k != "val_acc"}}
-FINAL_COLUMNS = ("test_acc", "test_acc_std", "test_seeds")  # the final protocol's, on Pareto trials
 RESUME_OVERRIDES = ("search.trials_per_task", "search.max_concurrent_trials")
 # A finished trial's driver process runs the next trial (all trials ask for the same bundle), which spares
 # each later trial a process start and its torch/timm imports; bench/trial_overhead.py measures both ways.
@@ -345,7 +341,7 @@ def results_table(grids: list[tune.ResultGrid], run_of: RunOf) -> pd.DataFrame:
             **{k: metrics.get(k) for k in METRIC_COLUMNS},
             "wall_seconds": metrics.get("time_total_s"),  # trial start to its last report
             "mlflow_run_id": run_of(task, trial_id) or "",
-            "checkpoint": metrics.get("checkpoint_path") or "",  # the trained prompts + head
+            "checkpoint": experiment_relative(metrics.get("checkpoint_path") or ""),  # the trained prompts + head
             "reused_base_from": metrics.get(REUSED_BASE) or "",
         })
     table = pd.DataFrame(rows)
@@ -528,7 +524,7 @@ class Search:
         table of all tasks."""
         budget = self.spec.search.trials_per_task
         tables = self.experiment_dir / "tables"
-        done_before = {task: pd.read_parquet(tables / f"{task}.parquet") for task in self.tasks
+        done_before = {task: read_table(tables / f"{task}.parquet") for task in self.tasks
                        if (tables / f"{task}.parquet").is_file()}
         if len(done_before) == len(self.tasks) and all(len(t) >= budget for t in done_before.values()):
             return pd.concat(done_before.values(), ignore_index=True)  # finished before the interruption
@@ -570,7 +566,8 @@ class Search:
             if row.mlflow_run_id:
                 self.tracker.set_tags(row.mlflow_run_id, {"pareto": str(bool(row.pareto)).lower()})
             if row.pareto and row.mlflow_run_id and row.checkpoint:
-                self.tracker.client.log_artifacts(row.mlflow_run_id, row.checkpoint, "prompts")  # never the backbone
+                self.tracker.client.log_artifacts(  # the prompts and head, never the backbone
+                    row.mlflow_run_id, str(self.experiment_dir / row.checkpoint), PROMPTS_ARTIFACT)
         destinations = [(task_run, None), (parent, task)]
         self.tracker.log_fronts(table, task, destinations)
         self.tracker.log_hypervolume(task_run, table)
@@ -655,7 +652,7 @@ class Search:
                 run_trial,
                 spec_json=self.spec.model_dump_json(by_alias=True),
                 task_dirs={task: str(folder) for task, folder in self.tasks.items()},
-                train_storage=str(self.experiment_dir / "train_runs"),
+                train_storage=str(self.experiment_dir / TRAIN_RUNS),
                 base_store=str(self.experiment_dir / "base_models"),
             ),
             trial_resources(DRIVER_RESOURCE if DRIVER_RESOURCE in ray.cluster_resources() else None),
@@ -705,11 +702,3 @@ class Search:
                 continue
             for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-
-
-def load_table(experiment: str | Path) -> pd.DataFrame:
-    """The trial table of a finished experiment directory."""
-    path = Path(experiment).expanduser() / TABLE_FILE
-    if not path.is_file():
-        raise SpecError(f"{path}: no trial table; is {experiment} a finished vpt-tune experiment directory?")
-    return pd.read_parquet(path)

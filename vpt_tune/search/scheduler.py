@@ -38,11 +38,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from vpt_tune.search.driver import trial_task
 from vpt_tune.search.pareto import crowding_distance, nondominated_ranks
+from vpt_tune.search.results import STOPPED_AT
 from vpt_tune.spec import rung_epochs
 from vpt_tune.train.rung_decision import RUNG_DECISION, tell
 from vpt_tune.train.worker import COMPLETE
 
-STOPPED_AT = "stopped_at_epoch"  # result key of a stopped trial's last result: the rung it stopped at
 
 Point = tuple[float, float, float]  # (accuracy, prompt_tokens, gflops)
 

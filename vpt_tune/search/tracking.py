@@ -22,7 +22,7 @@ from vpt_tune.search.hypervolume import hypervolume_history, reference_point
 from vpt_tune.search.pareto import front_figure, front_png
 from vpt_tune.search.driver import FINAL, trial_task
 from vpt_tune.search.router import TASK
-from vpt_tune.search.scheduler import STOPPED_AT
+from vpt_tune.search.results import STOPPED_AT
 from vpt_tune.train.worker import NODE, REUSED_BASE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
