@@ -19,6 +19,7 @@ import time
 import pandas as pd
 import ray
 
+from vpt_tune.cli import log_to_terminal
 from vpt_tune.search import runner
 from vpt_tune.spec import validate
 
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--img-size", type=int, default=56)
     args = parser.parse_args()
+    log_to_terminal()  # the searches' progress, as the command line shows it
     runs = {label: measure(args, reuse) for label, reuse in (("fresh drivers", False), ("reused drivers", True))}
 
     for label, (table, _) in runs.items():

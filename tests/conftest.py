@@ -17,6 +17,14 @@ import torch
 from vpt_tune.data.vtab import ImageSplit
 from vpt_tune.models.backbone import freeze
 
+@pytest.fixture(autouse=True, scope="session")
+def _progress_on_stdout():
+    """In-process searches show their progress on stdout, as under the command line (tests read it there)."""
+    from vpt_tune.cli import log_to_terminal
+
+    log_to_terminal()
+
+
 def require(available: bool, what: str) -> None:
     """Skip a test whose optional system package (``what``: how to install it) is missing here; under CI
     (``CI=true``) fail instead, since .ci/run installs every one: CI skips nothing."""

@@ -101,3 +101,24 @@ def test_preflight_errors_before_ray(tmp_path):
         run_search(validate(raw), name="never")
     assert not ray.is_initialized()  # nothing expensive started
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()  # nothing written
+
+
+def test_only_the_command_line_prints(capsys):
+    """Library code logs through `logging`; the command line decides what reaches the terminal."""
+    import ast
+    import logging
+    from pathlib import Path
+
+    import vpt_tune
+    from vpt_tune.cli import log_to_terminal
+
+    package = Path(vpt_tune.__file__).parent
+    printing = [f"{path.relative_to(package)}:{node.lineno}" for path in package.rglob("*.py") if path.name != "cli.py"
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"]
+    assert printing == []
+    log_to_terminal()
+    log_to_terminal()  # once is enough: no line twice
+    logging.getLogger("vpt_tune.search.runner").info("experiment: %s", "here")
+    logging.getLogger("vpt_tune.search.runner").debug("not shown")
+    assert capsys.readouterr().out == "experiment: here\n"

@@ -182,3 +182,18 @@ def test_kuberay_storage_is_one_shared_volume_on_every_pod():
         (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
         claims.add(volume["persistentVolumeClaim"]["claimName"])
     assert len(claims) == 1  # the same claim everywhere (ReadWriteMany)
+
+
+def test_aws_launch_without_boto3_names_the_extra(tmp_path, monkeypatch, capsys):
+    """`vpt-tune search --cluster cluster/aws.yaml` on a plain install: one line naming the extra, exit 2,
+    nothing started or written."""
+    import sys
+
+    from vpt_tune.cli import main
+
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as on an install without the aws extra
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "demo", "--cluster", str(CLUSTER / "aws.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Ray's AWS launcher needs boto3" in err and "pip install 'vpt-tune[aws]'" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

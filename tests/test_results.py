@@ -46,6 +46,8 @@ def test_short_config_puts_prompts_and_placement_first():
     assert short_config({"num_prompts": 8, "placement": "layers", "layers": [0, 3], "zeta": 2}) == \
         "8 layers=0,3 · zeta 2"
     assert short_config({"placement": "deep", "base_lr": 1.0}) == "deep · lr 1"
+    assert short_config({"num_prompts": 10, "placement": "deep", "base_lr": 1.0, "weight_decay": 0.0,
+                         "prompt_dropout": 0.0, "prompt_init": "uniform"}) == "10 deep · lr 1"  # defaults left out
 
 
 def test_checkpoint_paths_are_relative_to_the_experiment(tmp_path):

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 import vpt_tune
 
 from vpt_tune.cli import main
+from vpt_tune.search.results import short_config
 from vpt_tune.search.runner import resume_search, run_search
 from vpt_tune.spec import SpecError, load_spec, validate
 
@@ -98,6 +99,10 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
     )
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.values[0] for t in completed) == sorted(table["val_acc"])
+    # ... named objectives, and each trial's vpt-tune id and MLflow run (optuna-dashboard shows them).
+    assert study.metric_names == ["val_acc", "prompt_tokens", "gflops"]
+    runs_of = dict(zip(table["trial_id"], table["mlflow_run_id"]))
+    assert {t.user_attrs["trial_id"]: t.user_attrs["mlflow_run_id"] for t in completed} == runs_of
 
     # MLflow: search run -> task run -> one run per trial, with params, per-epoch metrics and tags.
     client = MlflowClient(spec.tracking.mlflow_uri)
@@ -118,13 +123,25 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
         assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 3  # one per epoch, fine-tuning too
         assert "pid" not in run.data.metrics  # Tune's bookkeeping stays out
         assert run.data.metrics["startup_seconds"] == pytest.approx(row["startup_seconds"])
+        assert run.info.run_name == f"digits · {short_config(json.loads(row['config']))}"  # what the runs list shows
+        # Costs are logged when known, not every epoch: the planned one, and the measured one after condensing
+        # where it differs (the condensed blocks' uneven token counts, in the attention's quadratic term).
+        assert len(client.get_metric_history(run.info.run_id, "prompt_tokens")) == 1
+        assert len(client.get_metric_history(run.info.run_id, "gflops")) <= 2
+        assert run.data.metrics["gflops"] == pytest.approx(row["gflops"])
         saved = {a.path for a in client.list_artifacts(run.info.run_id, "prompts")}
         assert saved == ({"prompts/trainable.pt"} if row["pareto"] else set())  # prompts + head of Pareto trials
     task_artifacts = {a.path for a in client.list_artifacts(task_runs[0].info.run_id)}
     assert {"front_val_acc_vs_prompt_tokens.html", "front_val_acc_vs_gflops.png", "trials.parquet"} <= task_artifacts
     history = [m.value for m in sorted(client.get_metric_history(task_runs[0].info.run_id, "hypervolume"),
                                        key=lambda m: m.step)]
-    assert len(history) == 2 and history[0] > 0 and history[1] >= history[0]  # one point per finished trial
+    assert len(history) == 2 and 0 < history[0] <= history[1] <= 1  # one point per finished trial, normalised
+    summary = task_runs[0].data.metrics
+    assert summary["front_size"] == table["pareto"].sum() and summary["best_val_acc"] == table["val_acc"].max()
+    assert {f"digits/{k}": v for k, v in summary.items()} == {k: v for k, v in parent.data.metrics.items()
+                                                              if k.startswith("digits/")}
+    assert client.get_experiment_by_name("test").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "trials.csv" in task_artifacts  # a table MLflow's UI can show
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "digits")}
     assert "digits/front_val_acc_vs_gflops.html" in parent_artifacts
     assert task_runs[0].info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())  # beside mlflow.db
@@ -155,6 +172,16 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
     task_dir = Path(torch.load(out, weights_only=True)["job"]["task_dir"])
     split = load_split(task_dir, "val200", 32, *normalisation(model.backbone), model.head.out_features)
     assert evaluate(model, split, 64, torch.device("cpu")) == pytest.approx(best["val_acc"], abs=0.01)
+    # ... and from the image files, through the model's own preprocessing, as the README shows.
+    from PIL import Image
+
+    from vpt_tune.data.vtab import read_list
+
+    files = read_list(task_dir, "val200")
+    with torch.no_grad():
+        predicted = model(model.preprocess([Image.open(path) for path, _ in files])).argmax(-1)
+    accuracy = (predicted == torch.tensor([label for _, label in files])).float().mean().item()
+    assert accuracy == pytest.approx(best["val_acc"], abs=0.01)
     assert main(["export", str(result.experiment_dir), "--task", "digits", "--trial", "nope", str(out)]) == 2
 
     # The same experiment name is refused before anything runs.

@@ -171,3 +171,30 @@ def test_spec_tasks_resolve_groups_and_aliases_and_report_all_missing(tmp_path):
     assert all(t in missing for t in ("caltech101", "svhn", "sun397")) and "cifar100" not in missing
     with pytest.raises(SpecError, match="demo tasks use the VTAB-1k layout"):
         task_dirs(validate({"name": "t", "space": {"num_prompts": {"int": [1, 4]}}, "data": {"benchmark": "fgvc"}}))
+
+
+@pytest.mark.parametrize("benchmark", ["vtab-1k", "fgvc"])
+def test_preprocess_gives_new_images_the_evaluations_exact_inputs(tmp_path, benchmark):
+    """vpt_tune.load's model.preprocess: PIL images in, the evaluation split's normalised inputs out, to
+    the bit (VTAB-1k: straight resize; FGVC: shorter-side resize and center crop), grey and RGBA too."""
+    from PIL import Image
+
+    from vpt_tune.data.tasks import Preprocess
+    from test_fgvc import _noise
+
+    if benchmark == "fgvc":
+        task, split = _write_fgvc_task(tmp_path), "test"
+        paths = [task / "images" / p for p in ("001.a/t.png", "003.c/s.png")]
+    else:
+        task, split = tmp_path / "toy", "val200"
+        paths = [task / f"{i}.png" for i in range(3)]
+        task.mkdir()
+        for i, (path, size) in enumerate(zip(paths, [(40, 30), (17, 33), (64, 64)])):
+            image = _noise(size, seed=i)
+            (image.convert("L") if i == 1 else image.convert("RGBA") if i == 2 else image).save(path)
+        (task / "val200.txt").write_text("".join(f"{p.name} {i}\n" for i, p in enumerate(paths)))
+    evaluated = task_split(benchmark, task, split, 24, MEAN, STD, 12, train=False)
+    preprocess = Preprocess(benchmark, 24, MEAN, STD)
+    with Image.open(paths[0]) as one:
+        assert torch.equal(preprocess(one), evaluated.inputs(torch.tensor([0])))
+    assert torch.equal(preprocess([Image.open(p) for p in paths]), evaluated.inputs(torch.arange(len(paths))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -27,6 +28,28 @@ EPILOG = """examples:
   vpt-tune cost --prompts 10 --kv-prompts 5        # E²VPT, ViT-B/16: 18.51 GFLOPs
   mlflow ui --backend-store-uri sqlite:///mlflow.db  # browse runs, fronts and tables
 """
+
+
+class _Terminal(logging.Handler):
+    """vpt-tune's log records as plain lines on the current ``sys.stdout`` (looked up per record, so a
+    redirected or captured stdout gets them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - logging's contract: report, never raise
+            self.handleError(record)
+
+
+def log_to_terminal(level: int = logging.INFO) -> None:
+    """Show the library's progress and notices (``level`` and up) on stdout, one plain line each, as the
+    command line does; for scripts that run searches in-process. Calling it again changes nothing."""
+    logger = logging.getLogger("vpt_tune")
+    if not any(isinstance(h, _Terminal) for h in logger.handlers):
+        logger.addHandler(_Terminal())
+    logger.setLevel(level)
+    logger.propagate = False  # once on the terminal, not again through a root handler
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -88,7 +111,11 @@ def _follow(submission, args: argparse.Namespace) -> None:
         print(f"tear down:  ray down {args.cluster}")
     if args.no_follow:
         return
-    status = follow(address, job)
+    status = follow(address, job, lambda lines: print(lines, end="", flush=True))
+    if status is None:
+        print(f"\nstopped following; the search goes on. Follow it again with `ray job logs --follow {job} "
+              f"--address {address}`, stop it with `ray job stop {job} --address {address}`")
+        return
     print(f"Ray Job {job}: {status}")
     if status in ("FAILED", "STOPPED"):
         raise UserError(f"the search job {job} {status.lower()}; its log above says why "
@@ -307,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vpt-tune`` console script."""
     args = build_parser().parse_args(argv)
+    log_to_terminal()
     try:
         args.func(args)
     except KeyboardInterrupt as err:  # a SearchInterrupted says how far the search got and how to resume it

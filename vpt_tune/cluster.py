@@ -14,10 +14,12 @@ Ray 2.60 clusters use token authentication by default: the token is read from ``
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,8 @@ import yaml
 
 from vpt_tune.errors import UserError
 from vpt_tune.spec import Spec
+
+log = logging.getLogger(__name__)
 
 JOB_PORT = 8265
 MLFLOW_PORT = 5000  # the MLflow server cluster/aws.yaml starts on the head
@@ -106,9 +110,15 @@ def launch(cluster_yaml: str | Path) -> str:
         raise ClusterError(f"--cluster {path}: not valid YAML: {err}") from None
     if not isinstance(config, dict) or "provider" not in config:
         raise ClusterError(f"--cluster {path}: not a Ray cluster launcher config (no `provider:`)")
+    if (config["provider"] or {}).get("type") == "aws":
+        try:
+            import boto3  # noqa: F401 - Ray's AWS launcher imports it; a clear line now, not its traceback later
+        except ImportError:
+            raise ClusterError(f"--cluster {path}: Ray's AWS launcher needs boto3, which is not installed; "
+                               "pip install 'vpt-tune[aws]'") from None
     from ray.autoscaler import sdk
 
-    print(f"bringing up the Ray cluster of {path} (ray up; minutes on first start)...", flush=True)
+    log.info("bringing up the Ray cluster of %s (ray up; minutes on first start)...", path)
     try:
         sdk.create_or_update_cluster(str(path), no_restart=True)
         head = sdk.get_head_node_ip(str(path))
@@ -191,21 +201,19 @@ def submit(address: str, argv: list[str], name: str, stdin: str | None = None) -
             time.sleep(2)
 
 
-def follow(address: str, job_id: str) -> str:
-    """Stream the job's log here until it ends; its final status (Ctrl-C stops following, not the job)."""
+def follow(address: str, job_id: str, echo: Callable[[str], None]) -> str | None:
+    """Stream the job's log to ``echo`` until the job ends; its final status, or None on Ctrl-C (which
+    stops following, not the job)."""
     client = _job_client(address)
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+            echo(lines)
 
     try:
         asyncio.run(tail())
     except KeyboardInterrupt:
-        print(f"\nstopped following; the search goes on. Follow it again with "
-              f"`ray job logs --follow {job_id} --address {address}`, stop it with "
-              f"`ray job stop {job_id} --address {address}`")
-        return "RUNNING"
+        return None
     while not (status := client.get_job_status(job_id)).is_terminal():
         time.sleep(1)
     return str(status.value)

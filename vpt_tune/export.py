@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from vpt_tune.data.tasks import Preprocess
 from vpt_tune.errors import UserError
+from vpt_tune.models.backbone import normalisation
 from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.search.results import PROMPTS_ARTIFACT, STATE_FILE, TRAIN_RUNS
 from vpt_tune.train.job import CHECKPOINT_FILE, Job, build_model
@@ -68,8 +70,11 @@ def load(path: str | Path, weights: str | None = None, device: str | torch.devic
     """The model exported to ``path``, ready for inference (eval mode). ``weights``: a local backbone
     weights file, instead of the exported trial's setting (``demo``, ``hub`` or its file).
 
-    Inputs are images resized to ``model.backbone.patch_embed.img_size`` and normalised with
-    :func:`vpt_tune.models.backbone.normalisation` of ``model.backbone``.
+    ``model.preprocess`` turns PIL images into the model's input batch exactly as the trial's evaluation
+    prepared its images (:class:`vpt_tune.data.tasks.Preprocess`; on the CPU: move it to ``device``)::
+
+        model = vpt_tune.load("best.pt")
+        predicted = model(model.preprocess([Image.open(p) for p in paths])).argmax(-1)
     """
     try:
         saved = torch.load(path, weights_only=True)
@@ -77,6 +82,7 @@ def load(path: str | Path, weights: str | None = None, device: str | torch.devic
         raise UserError(f"{path}: cannot read an exported trial ({err})") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise UserError(f"{path}: not a file written by `vpt-tune export`")
-    model = build_model(Job(**saved["job"]), saved["classes"], weights)
-    return model.load_trainable(saved["trainable"]).to(device).eval()
-
+    job = Job(**saved["job"])
+    model = build_model(job, saved["classes"], weights).load_trainable(saved["trainable"]).to(device).eval()
+    model.preprocess = Preprocess(job.benchmark, job.img_size, *normalisation(model.backbone))
+    return model

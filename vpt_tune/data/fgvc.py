@@ -157,21 +157,27 @@ def num_classes(task_dir: Path, known: int | None = None) -> int:
 
 
 def decode_image(path: Path, size: int, crop: int) -> np.ndarray:
-    """Read an image as RGB, shorter side resized to ``size`` (R), and keep an R x R square: uint8 (3, R, R).
+    """Read an image as RGB, shorter side resized to ``size`` (R), and keep an R x R square: uint8 (3, R, R)
+    (see :func:`square_image`)."""
+    with open_image(path) as img:
+        return square_image(img, size, crop)
+
+
+def square_image(img: Image.Image, size: int, crop: int) -> np.ndarray:
+    """An image as RGB, shorter side resized to ``size`` (R), and an R x R square of it: uint8 (3, R, R).
 
     VPT resizes the shorter side (``Resize(256)``) and crops 224 from the whole resized image. The
     square is placed so that its :func:`center_crop` to ``crop`` (S) is exactly VPT's center crop of
     the whole image; training crops then move within the square (up to R - S pixels each way)
     instead of along the whole long side.
     """
-    with open_image(path) as img:
-        rgb = img.convert("RGB")
-        width, height = rgb.size
-        if width <= height:  # the long side is truncated, like torchvision's Resize(int)
-            new = (size, max(size, int(size * height / width)))
-        else:
-            new = (max(size, int(size * width / height)), size)
-        rgb = rgb.resize(new, Image.BILINEAR)
+    rgb = img.convert("RGB")
+    width, height = rgb.size
+    if width <= height:  # the long side is truncated, like torchvision's Resize(int)
+        new = (size, max(size, int(size * height / width)))
+    else:
+        new = (max(size, int(size * width / height)), size)
+    rgb = rgb.resize(new, Image.BILINEAR)
     # torchvision's CenterCrop offset on the whole image, minus center_crop's offset within the square
     left = round((new[0] - crop) / 2) - round((size - crop) / 2)
     top = round((new[1] - crop) / 2) - round((size - crop) / 2)

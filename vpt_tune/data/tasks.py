@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
 from vpt_tune.data import fgvc, vtab
 from vpt_tune.data.vtab import Batched
 
@@ -186,3 +190,29 @@ def decode_task_split(benchmark: str, task_dir: Path, split: str, img_size: int,
     decode = fgvc.decode_split if benchmark == "fgvc" else vtab.decode_split
     images, _ = decode(task_dir, split, img_size, classes)
     return len(images)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What evaluation does to an image, for predictions on new ones: RGB; resized as the benchmark's
+    evaluation split is (VTAB-1k: straight to ``img_size`` squared, bilinear; FGVC: shorter side to
+    256/224 of ``img_size``, bilinear, then the central ``img_size`` square); scaled to [0, 1];
+    normalised with the backbone's ``mean`` and ``std``. The numbers equal the evaluation's exactly."""
+
+    benchmark: str
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        """One PIL image or a sequence of them as a float batch (B, 3, S, S) for the model."""
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        if self.benchmark == "fgvc":
+            size = fgvc.resize_size(self.img_size)
+            pixels = fgvc.center_crop(np.stack([fgvc.square_image(i, size, self.img_size) for i in images]),
+                                      self.img_size)
+        else:
+            pixels = np.stack([vtab.resize_image(i, self.img_size) for i in images])
+        split = vtab.ImageSplit(torch.from_numpy(pixels), torch.zeros(len(images), dtype=torch.int64),
+                                torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1))
+        return split.inputs(torch.arange(len(images)))  # the evaluation's own arithmetic

@@ -212,8 +212,12 @@ def open_image(path: Path) -> Iterator[Image.Image]:
 def decode_image(path: Path, img_size: int) -> np.ndarray:
     """Read an image file as RGB, resized to (img_size, img_size): uint8 array (3, S, S)."""
     with open_image(path) as img:
-        rgb = img.convert("RGB").resize((img_size, img_size), Image.BILINEAR)
-    return np.asarray(rgb).transpose(2, 0, 1)
+        return resize_image(img, img_size)
+
+
+def resize_image(img: Image.Image, img_size: int) -> np.ndarray:
+    """An image as RGB, resized straight to (img_size, img_size) (bilinear): uint8 array (3, S, S)."""
+    return np.asarray(img.convert("RGB").resize((img_size, img_size), Image.BILINEAR)).transpose(2, 0, 1)
 
 
 class Batched:

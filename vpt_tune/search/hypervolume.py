@@ -78,6 +78,15 @@ def reference_point(table: pd.DataFrame, objectives: dict[str, str] = OBJECTIVES
     return reference
 
 
+def box_volume(table: pd.DataFrame, reference: dict[str, float], objectives: dict[str, str] = OBJECTIVES) -> float:
+    """The volume of the box between ``reference`` and the ideal point of ``table`` (the best value of
+    each objective among its rows): the largest hypervolume its rows could have. Dividing by it puts a
+    hypervolume in [0, 1] whatever the objectives' units, so tasks and searches compare (under the
+    nadir + 10 % reference one point alone gives 1/1.1^d)."""
+    ideal = {name: table[name].max() if mode == "max" else table[name].min() for name, mode in objectives.items()}
+    return float(np.prod([abs(reference[name] - ideal[name]) for name in objectives]))
+
+
 def hypervolume_history(
     table: pd.DataFrame, reference: dict[str, float], order_column: str, objectives: dict[str, str] = OBJECTIVES,
 ) -> pd.Series:

@@ -14,11 +14,12 @@ from pathlib import Path, PurePath
 
 import pandas as pd
 
-from vpt_tune.spec import SpecError
+from vpt_tune.spec import Space, SpecError
 
 TABLE_FILE = "trials.parquet"
 STATE_FILE = "experiment.json"  # MLflow URI and run ids, so `vpt-tune resume` continues the same runs
 TRAIN_RUNS = "train_runs"  # the experiment's folder of Ray Train runs (epoch checkpoints of every trial)
+MLFLOW_RUN_ID = "mlflow_run_id"  # a trial's MLflow run: a table column, and a key of its results
 PROMPTS_ARTIFACT = "prompts"  # MLflow artifact folder of a Pareto trial's trained prompts and head
 STOPPED_AT = "stopped_at_epoch"  # result key of a stopped trial's last result: the rung it stopped at
 METRIC_COLUMNS = (
@@ -65,8 +66,9 @@ def load_table(experiment: str | Path) -> pd.DataFrame:
 def short_config(config: dict) -> str:
     """A trial config on one line, e.g. ``15 deep · lr 0.093 · wd 0.0001 · cond 0.5`` (numbers to 3
     significant digits): prompts per block and their placement first (``5 last_k=3``, ``8 layers=0,3``), then
-    the other keys."""
-    config = dict(config)
+    the other keys; keys at the space's default value (``wd 0``, ``init uniform``...) are left out."""
+    config = {k: v for k, v in config.items() if k not in Space.model_fields or v != Space.model_fields[k].default
+              or k in ("num_prompts", "placement", "base_lr")}
     prompts, placement = config.pop("num_prompts", None), config.pop("placement", None)
     depth, layers = config.pop("depth", None), config.pop("layers", None)
     if placement is not None and (depth is not None or layers is not None):

@@ -18,6 +18,7 @@ Layout of an experiment directory ``<storage>/<name>/``::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -57,6 +58,7 @@ from vpt_tune.train.job import resolve_weights
 from vpt_tune.train.worker import COMPLETE, REUSED_BASE
 
 TEST_OBJECTIVES = {"test_acc": "max", **{k: v for k, v in OBJECTIVES.items() if k != "val_acc"}}
+log = logging.getLogger(__name__)
 RESUME_OVERRIDES = ("search.trials_per_task", "search.max_concurrent_trials")
 # A finished trial's driver process runs the next trial (all trials ask for the same bundle), which spares
 # each later trial a process start and its torch/timm imports; bench/trial_overhead.py measures both ways.
@@ -81,7 +83,7 @@ def task_dirs(spec: Spec) -> dict[str, Path]:
         if data.benchmark != "vtab-1k":
             raise SpecError(f"data.root: the demo tasks use the VTAB-1k layout; set data.root for {data.benchmark}")
         root = cache_dir() / "datasets" / "demo"
-        print(f"demo tasks under {root}")
+        log.info("demo tasks under %s", root)
         return {task: materialise(task, root) for task in data.tasks}
     root = Path(data.root).expanduser()
     if not root.is_dir():
@@ -108,7 +110,7 @@ def check_data(spec: Spec, tasks: dict[str, Path]) -> None:
         for split in get_benchmark(benchmark).search_splits:
             started = time.monotonic()
             count = decode_task_split(benchmark, task_dir, split, spec.backbone.img_size, classes)
-            print(f"{task}/{split}: {count} images ready ({time.monotonic() - started:.1f} s)")
+            log.info("%s/%s: %d images ready (%.1f s)", task, split, count, time.monotonic() - started)
 
 
 def check_model(spec: Spec) -> None:
@@ -257,7 +259,7 @@ def concurrency(spec: Spec) -> int:
 
 
 class ProgressPrinter(tune.Callback):
-    """Prints one line per finished trial: the task's done/total, the trial's objectives, the task's
+    """Logs one line per finished trial: the task's done/total, the trial's objectives, the task's
     front size, and over all tasks done/total and the ETA.
 
     Counts come from Tune's trial list (plus ``earlier[task]``: trials of the previous experiments),
@@ -265,7 +267,8 @@ class ProgressPrinter(tune.Callback):
     """
 
     def __init__(self, totals: dict[str, int], earlier: dict[str, int], accuracy: str = "val_acc", label: str = ""):
-        # Prints directly: Tune pickles its callbacks with the experiment state, so no function attributes.
+        # Logs through the module's logger: Tune pickles its callbacks with the experiment state, so no
+        # function attributes.
         self.totals, self.earlier, self.accuracy, self.label = totals, earlier, accuracy, label
         self.started = time.monotonic()
         self.new = 0  # trials finished since this process started (for the ETA)
@@ -283,11 +286,10 @@ class ProgressPrinter(tune.Callback):
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.new * max(0, total - done)
         overall = f"all tasks {done}/{total} | " if len(self.totals) > 1 else ""
-        print(
+        log.info(
             f"[{task}{self.label}] {self.earlier.get(task, 0) + len(mine)}/{self.totals[task]} trials | "
             f"{trial.trial_id}: {outcome} | front: {front} pts | "
-            f"{overall}{elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left",
-            flush=True,
+            f"{overall}{elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left"
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -456,7 +458,7 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
     if spec.backbone.weights == "demo":
         resolve_weights("demo")  # download + convert once, before any trial needs it
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console tables off: we print progress
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console tables off: we log progress
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state at most 1 s old when killed
     os.environ.update(RAY_TRAIN_POLL)  # a local Ray's workers inherit it (a Ray Job gets it from its runtime env)
     if not ray.is_initialized():
@@ -469,8 +471,8 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
     if not resumed:
         experiment_dir.mkdir(parents=True)
         (experiment_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(by_alias=True, exclude_none=True)))
-    print(f"experiment: {experiment_dir}{' (resumed)' if resumed else ''}")
-    print(f"{len(tasks)} task(s) x {spec.search.trials_per_task} trials, {parallel} at a time")
+    log.info("experiment: %s%s", experiment_dir, " (resumed)" if resumed else "")
+    log.info("%d task(s) x %d trials, %d at a time", len(tasks), spec.search.trials_per_task, parallel)
 
     if resumed:
         parent = tracker.reopen(state["parent_run_id"])
@@ -496,7 +498,7 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
     table.to_parquet(experiment_dir / TABLE_FILE, index=False)
     summary = summary_table(table)
     if not summary.empty:
-        tracker.log_table(parent, summary, "summary.parquet")
+        tracker.log_table(parent, summary, "summary")
         tracker.client.log_text(parent, summary_markdown(summary), "summary.md")
     tracker.end_run(parent)
     return SearchResult(experiment_dir, table, uri, parent)
@@ -560,7 +562,7 @@ class Search:
         return table
 
     def _log_task(self, task: str, table: pd.DataFrame, finals: pd.DataFrame | None, parent: str) -> None:
-        """Tag the task's trials, save its Pareto prompts, log its fronts, hypervolume and tables."""
+        """Tag the task's trials, save its Pareto prompts, log its fronts, summary metrics and tables."""
         task_run = self.task_runs[task]
         for row in table.itertuples():
             if row.mlflow_run_id:
@@ -570,10 +572,11 @@ class Search:
                     row.mlflow_run_id, str(self.experiment_dir / row.checkpoint), PROMPTS_ARTIFACT)
         destinations = [(task_run, None), (parent, task)]
         self.tracker.log_fronts(table, task, destinations)
-        self.tracker.log_hypervolume(task_run, table)
+        self.tracker.log_summary(task_run, table)
+        self.tracker.log_summary(parent, table, prefix=f"{task}/")  # every task's figures on the search run
         if finals is not None:
             self.tracker.log_fronts(table, task, destinations, accuracy="test_acc", table_name=None)
-            self.tracker.log_table(task_run, finals, "final_runs.parquet")
+            self.tracker.log_table(task_run, finals, "final_runs")
             finals.to_parquet(self.experiment_dir / "tables" / f"{task}.final.parquet", index=False)
         self.tracker.end_run(task_run)
         table.to_parquet(self.experiment_dir / "tables" / f"{task}.parquet", index=False)  # last: the task is done
@@ -585,7 +588,7 @@ class Search:
             ["search"] + [f"search.more{i}" for i in range(1, 100)]
         for path in (self.experiment_dir / n for n in names):
             if path.is_dir() and tune.Tuner.can_restore(str(path)):
-                print(f"restoring {path.name}")
+                log.info("restoring %s", path.name)
                 tuner = tune.Tuner.restore(str(path), self._trainable(), resume_unfinished=True, resume_errored=False)
                 self._fit(tuner, grids, total)
 
@@ -629,8 +632,8 @@ class Search:
                 for task, trial, config in zip(pareto["task"], pareto["trial_id"], pareto["config"])
                 for seed in self.spec.final.seeds if (trial, seed) not in done]
         if todo:
-            print(f"final protocol: {len(todo)} retrain(s) of the Pareto configs on "
-                  f"{get_benchmark(self.spec.data.benchmark).final_splits[0]}, tested on test")
+            log.info("final protocol: %d retrain(s) of the Pareto configs on %s, tested on test", len(todo),
+                     get_benchmark(self.spec.data.benchmark).final_splits[0])
             totals = pd.Series([f[TASK] for f in todo]).value_counts().to_dict()
             self._fit(tune.Tuner(
                 self._trainable(),

@@ -29,16 +29,18 @@ stopped trial's workers end its Train run themselves (:mod:`vpt_tune.train.rung_
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from vpt_tune.search.driver import trial_task
 from vpt_tune.search.pareto import crowding_distance, nondominated_ranks
-from vpt_tune.search.results import STOPPED_AT
+from vpt_tune.search.results import MLFLOW_RUN_ID, STOPPED_AT
 from vpt_tune.spec import rung_epochs
 from vpt_tune.train.rung_decision import RUNG_DECISION, tell
 from vpt_tune.train.worker import COMPLETE
@@ -174,11 +176,27 @@ class RungJudge(tune.Callback):
 class StudySearch(OptunaSearch):
     """Ray's OptunaSearch, telling a stopped trial to its study as PRUNED (with its last accuracy and
     epoch as user attributes) instead of COMPLETE: a stopped trial's accuracy is not its final one, and
-    Optuna's samplers treat pruned trials as the worse ones."""
+    Optuna's samplers treat pruned trials as the worse ones. The study names its objectives, and each
+    Optuna trial carries vpt-tune's trial id and its MLflow run id (user attributes ``trial_id``,
+    ``mlflow_run_id``), so optuna-dashboard links to the trial table and MLflow."""
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, unchanged since
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names(list(self._metric))
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # OptunaSearch's own record of the Optuna trial it asked
+            self._ot_trials[trial_id].set_user_attr("trial_id", trial_id)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and result.get(MLFLOW_RUN_ID) and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(MLFLOW_RUN_ID, result[MLFLOW_RUN_ID])
         if result and result.get(STOPPED_AT) and not error:
-            trial = self._ot_trials[trial_id]  # OptunaSearch's own record of the Optuna trial it asked
+            trial = self._ot_trials[trial_id]
             trial.set_user_attr(STOPPED_AT, int(result[STOPPED_AT]))
             trial.set_user_attr("val_acc", result.get("val_acc"))
             result = None  # OptunaSearch tells a trial without values as PRUNED

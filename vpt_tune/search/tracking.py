@@ -18,20 +18,22 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray import tune
 
-from vpt_tune.search.hypervolume import hypervolume_history, reference_point
+from vpt_tune.search.hypervolume import box_volume, hypervolume_history, reference_point
 from vpt_tune.search.pareto import front_figure, front_png
 from vpt_tune.search.driver import FINAL, trial_task
 from vpt_tune.search.router import TASK
-from vpt_tune.search.results import STOPPED_AT
+from vpt_tune.search.results import MLFLOW_RUN_ID, STOPPED_AT, short_config
 from vpt_tune.train.worker import NODE, REUSED_BASE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
-# What a trial run records from each Tune result (Tune adds its own bookkeeping keys, left out).
+# What a trial run records from each Tune result (Tune adds its own bookkeeping keys, left out): per epoch,
+# and the costs, constant over a trial, once (again only if they change).
 TRIAL_METRICS = (
     "train_loss", "val_acc", "val_acc_uncondensed", "val_acc_unpruned", "lr", "epoch_seconds", "train_seconds",
-    "prompt_tokens",
-    "kv_tokens", "gflops", "trainable_params", "startup_seconds", "setup_seconds",
+    "startup_seconds", "setup_seconds",
 )
+COST_METRICS = ("prompt_tokens", "kv_tokens", "gflops", "trainable_params")
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI shows a "custom_model_development" experiment's runs
 
 
 def default_tracking_uri() -> str:
@@ -54,6 +56,11 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
+def _write_table(table: pd.DataFrame, folder: Path, name: str) -> None:
+    table.to_parquet(folder / f"{name}.parquet", index=False)
+    table.to_csv(folder / f"{name}.csv", index=False)
+
+
 class Tracker:
     """Creates and fills the MLflow runs of one search."""
 
@@ -65,6 +72,8 @@ class Tracker:
             self.experiment_id = found.experiment_id
         else:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location(uri))
+        if not (found and EXPERIMENT_KIND in found.tags):  # the UI opens on runs, not on GenAI traces
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, "custom_model_development")
 
     def start_run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
         """Create a run (nested under ``parent``) and return its id."""
@@ -120,25 +129,37 @@ class Tracker:
                 )
                 front_png(finished, cost, f"{title}: {accuracy} vs {cost}", out / f"{name}.png", accuracy)
             if table_name:
-                table.to_parquet(out / f"{table_name}.parquet", index=False)
+                _write_table(table, out, table_name)
             for run_id, artifact_path in destinations:
                 self.client.log_artifacts(run_id, tmp, artifact_path)
 
     def log_table(self, run_id: str, table: pd.DataFrame, name: str) -> None:
-        """``table`` as the parquet artifact ``name`` of the run."""
+        """``table`` as the artifacts ``name``.parquet and ``name``.csv of the run (MLflow's UI shows CSV)."""
         with tempfile.TemporaryDirectory() as tmp:
-            table.to_parquet(Path(tmp) / name, index=False)
-            self.client.log_artifact(run_id, str(Path(tmp) / name))
+            _write_table(table, Path(tmp), name)
+            self.client.log_artifacts(run_id, tmp)
 
-    def log_hypervolume(self, run_id: str, table: pd.DataFrame) -> None:
-        """The hypervolume after each finished trial (in the order trials were created), as metric
-        ``hypervolume`` with the trial count as its step; the reference is the task's nadir + 10 %."""
+    def log_summary(self, run_id: str, table: pd.DataFrame, prefix: str = "") -> None:
+        """A task's results as metrics of ``run_id`` (names start with ``prefix``): ``front_size``,
+        ``best_val_acc`` (and ``best_test_acc`` after the final protocol), ``finished_trials``, and
+        ``hypervolume``: after each finished trial (in the order trials were created; the trial count is
+        the step), as a fraction of the box between the task's ideal point and its reference (the worst
+        values + 10 % of their range), so in [0, 1] and comparable across tasks and searches."""
         finished = table[table["status"] == "finished"].reset_index(drop=True)
-        if finished.empty:
-            return
-        history = hypervolume_history(finished.rename_axis("order").reset_index(), reference_point(finished), "order")
         now = int(pd.Timestamp.now().timestamp() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric("hypervolume", v, now, i) for i, v in enumerate(history, 1)])
+        metrics = [Metric(f"{prefix}finished_trials", len(finished), now, 0)]
+        if not finished.empty:
+            reference = reference_point(finished)
+            history = hypervolume_history(finished.rename_axis("order").reset_index(), reference, "order")
+            box = box_volume(finished, reference)
+            metrics += [Metric(f"{prefix}hypervolume", v / box if box > 0 else 0.0, now, i)
+                        for i, v in enumerate(history, 1)]
+            metrics += [Metric(f"{prefix}front_size", int(finished["pareto"].sum()), now, 0),
+                        Metric(f"{prefix}best_val_acc", float(finished["val_acc"].max()), now, 0)]
+            if "test_acc" in finished and finished["test_acc"].notna().any():
+                metrics.append(Metric(f"{prefix}best_test_acc", float(finished["test_acc"].max()), now, 0))
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
 class TrialLogger(tune.Callback):
@@ -152,6 +173,7 @@ class TrialLogger(tune.Callback):
         self.run_ids: dict[str, str] = {}
         self.nodes: dict[str, set[str]] = {}  # trial id -> Ray nodes its workers trained on
         self.reused: set[str] = set()  # trials tagged with the base model they reused
+        self.costs: dict[str, dict] = {}  # trial id -> the cost metrics last logged
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self.run_ids:  # a restarted trial of a resumed search continues its run
@@ -165,8 +187,8 @@ class TrialLogger(tune.Callback):
                     final = trial.config[FINAL]
                     config = {k: v for k, v in final.items() if k not in ("seed", "source_trial", TASK)}
                     tags.update(final="true", source_trial=final["source_trial"], seed=str(final["seed"]))
-                name = f"{task}-final-{tags['source_trial']}-seed{tags['seed']}" if self.final else \
-                    f"{task}-{trial.trial_id}"
+                name = f"{task} · final {tags['source_trial']} · seed {tags['seed']}" if self.final else \
+                    f"{task} · {short_config(config)}"
                 run_id = self.tracker.start_run(name, task_run, tags)
                 self.tracker.log_params(run_id, config)
             self.run_ids[trial.trial_id] = run_id
@@ -176,11 +198,18 @@ class TrialLogger(tune.Callback):
         self._run_id(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        result[MLFLOW_RUN_ID] = self._run_id(trial)  # the trial's last result names it (for its Optuna trial)
         metrics = {k: result[k] for k in TRIAL_METRICS if k in result}
         metrics["wall_seconds"] = result.get("time_total_s")
         if self.final and "val_acc" in metrics:  # a final retrain evaluates on test
             metrics["test_acc"] = metrics.pop("val_acc")
         self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("epoch", 0)))
+        logged = self.costs.setdefault(trial.trial_id, {})
+        changed = {k: result[k] for k in COST_METRICS  # the planned cost and the one measured after condensing
+                   if k in result and not (k in logged and math.isclose(logged[k], result[k], rel_tol=1e-9))}
+        if changed:
+            logged.update(changed)
+            self.tracker.log_metrics(self._run_id(trial), changed)
         if result.get(REUSED_BASE) and trial.trial_id not in self.reused:  # the trained model it started from
             self.reused.add(trial.trial_id)
             self.tracker.set_tags(self._run_id(trial), {REUSED_BASE: result[REUSED_BASE]})
