@@ -151,7 +151,7 @@ def test_front_html_renders_expected_points(tmp_path):
     assert len(dominated_points) == len(ROWS) - ON_FRONT
     assert len(front_points) + len(dominated_points) == len(ROWS)
     # the dominated trace is faded, the front is not and is joined by its step line
-    assert float(dominated_trace.style["opacity"]) == pytest.approx(0.3)
+    assert float(dominated_trace.style["opacity"]) == pytest.approx(0.5)
     assert float(front_trace.style["opacity"]) == pytest.approx(1.0)
     assert len(front_trace.find_all("path", "js-line")) == 1
     assert not dominated_trace.find_all("path", "js-line")

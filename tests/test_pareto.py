@@ -92,8 +92,9 @@ def test_front_figure_splits_all_points(cost):
     assert len(by_name["Pareto front"].x) + len(by_name["dominated"].x) == len(TABLE)
     assert list(by_name["Pareto front"].x) == sorted(by_name["Pareto front"].x)  # drawn left to right
     assert by_name["dominated"].opacity < by_name["Pareto front"].opacity
-    hover = " ".join(by_name["Pareto front"].text)
-    assert "t0" in hover and "t4" in hover and "num_prompts" in hover
+    hover = dict(zip(by_name["Pareto front"].x, by_name["Pareto front"].text))[TABLE[cost][4]]  # E's point
+    assert hover.split("<br>") == ["trial t4", "val_acc 0.950", "prompt tokens 20", "GFLOPs 7.000", "4 deep"]
+    assert "3-objective front" in fig.layout.annotations[0].text  # says what the 2-D plot leaves out
     assert fig.layout.title.text == "toy task" and fig.layout.xaxis.title.text == cost
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vpt_tune.search.results import short_config
 from vpt_tune.spec import OBJECTIVES
 
 
@@ -58,23 +59,37 @@ def crowding_distance(costs: np.ndarray) -> np.ndarray:
 
 
 def front_figure(table: pd.DataFrame, cost: str, title: str, accuracy: str = "val_acc"):
-    """Interactive plotly scatter of ``accuracy`` vs ``cost``; the 2-D front is drawn, dominated points faded.
+    """Interactive plotly scatter of ``accuracy`` vs ``cost``: the 2-D front joined by its steps, dominated
+    points lighter but readable, and a note that the plot projects a 3-objective front.
 
-    Hovering a point shows its trial id and config.
+    Hovering a point shows its trial id, its three objectives and its config, one per line.
     """
     import plotly.graph_objects as go
 
     front2d = pareto_mask(table, {accuracy: "max", cost: "min"})
     fig = go.Figure()
-    for on_front, name, opacity in ((False, "dominated", 0.3), (True, "Pareto front", 1.0)):
+    for on_front, name, opacity in ((False, "dominated", 0.5), (True, "Pareto front", 1.0)):
         part = table[front2d == on_front].sort_values(cost)
-        hover = [f"trial {t}<br>{json.dumps(json.loads(c))}" for t, c in zip(part["trial_id"], part["config"])]
         fig.add_trace(go.Scatter(
-            x=part[cost], y=part[accuracy], name=name, text=hover, hoverinfo="text+x+y", opacity=opacity,
-            mode="lines+markers" if on_front else "markers", line={"shape": "hv"},
+            x=part[cost], y=part[accuracy], name=name, opacity=opacity, mode="lines+markers" if on_front else "markers",
+            line={"shape": "hv"}, text=[_hover(row, accuracy) for row in part.to_dict("records")],
+            hovertemplate="%{text}<extra></extra>",
         ))
-    fig.update_layout(title=title, xaxis_title=cost, yaxis_title=accuracy, template="plotly_white")
+    others = " and ".join(c for c in OBJECTIVES if c not in (accuracy, cost, "val_acc"))
+    fig.add_annotation(  # the table's `pareto` flag is the 3-objective front: a point can be on it but not here
+        text=f"a 2-D view of a 3-objective front: a point dominated here may be optimal in {others}",
+        xref="paper", yref="paper", x=0, y=-0.22, showarrow=False, font={"size": 11, "color": "grey"})
+    fig.update_layout(title=title, xaxis_title=cost, yaxis_title=accuracy, template="plotly_white",
+                      hoverlabel={"align": "left"}, margin={"b": 90})
     return fig
+
+
+def _hover(row: dict, accuracy: str) -> str:
+    """A point's hover text: trial id, the three objectives and the config, a line each."""
+    lines = [f"trial {row['trial_id']}", f"{accuracy} {row[accuracy]:.3f}",
+             f"prompt tokens {row['prompt_tokens']:.4g}", f"GFLOPs {row['gflops']:.3f}",
+             *short_config(json.loads(row["config"])).split(" · ")]
+    return "<br>".join(lines)
 
 
 def front_png(table: pd.DataFrame, cost: str, title: str, path: Path, accuracy: str = "val_acc") -> None:
