@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vpt_tune.data.tasks import BENCHMARKS
+from vpt_tune.data.benchmarks import BENCHMARKS
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.results import TABLE_FILE
 

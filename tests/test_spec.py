@@ -62,7 +62,7 @@ def test_builtin_demo_spec_validates():
 
 @pytest.mark.parametrize("name, layout, tasks", [("vtab_pc", "vtab-1k", 19), ("fgvc_pc", "fgvc", 5)])
 def test_builtin_benchmark_pc_specs(monkeypatch, name, layout, tasks):
-    from vpt_tune.data.tasks import expand_tasks
+    from vpt_tune.data.benchmarks import expand_tasks
 
     monkeypatch.setenv("VTAB_ROOT", "/data/vtab-1k")
     monkeypatch.setenv("FGVC_ROOT", "/data/fgvc")

@@ -8,7 +8,7 @@ repeated with two ids is an error (with one id, a warning), as for VTAB-1k (:mod
 Class ids (ints or strings of ints, CUB's start at 1) are remapped to 0..C-1 by the sorted order of
 train.json's ids, so a class gets the same label in every split. A custom task's classes are those
 of train.json: an id that only val.json or test.json has is an error. A known FGVC task (by folder
-name, see :mod:`vpt_tune.data.tasks`) has the benchmark's number of classes; an id its train.json
+name, see :mod:`vpt_tune.data.benchmarks`) has the benchmark's number of classes; an id its train.json
 lacks is a warning and takes the labels after train.json's (in sorted order), and every label must
 be below that number. (VPT maps each file's own ids, which is the same when train.json holds every
 class.)

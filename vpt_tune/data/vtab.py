@@ -4,7 +4,7 @@
 relative to the task folder and must stay inside it: an absolute path, a ``..`` or a symlink that
 leads outside is refused before any image is read. Listing one image twice with two labels is an
 error, twice with one label a warning. A known VTAB-1k task (found by folder name, see
-:mod:`vpt_tune.data.tasks`) has the benchmark's number of classes; a custom task's classes are those
+:mod:`vpt_tune.data.benchmarks`) has the benchmark's number of classes; a custom task's classes are those
 of train800val200 (one more than its largest label), and a val200 label missing from train800 or a
 test label missing from train800val200 is an error (for a known task, a warning: VTAB-1k's 800
 training images do not cover all of sun397's classes).

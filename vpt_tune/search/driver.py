@@ -17,7 +17,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from vpt_tune.data.tasks import get_benchmark
+from vpt_tune.data.benchmarks import get_benchmark
 from vpt_tune.search.router import TASK
 from vpt_tune.spec import Space, Spec
 from vpt_tune.train.job import Job, expected_cost

@@ -40,7 +40,8 @@ from ray import tune
 from vpt_tune.cost import ViTShape
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
-from vpt_tune.data.tasks import decode_task_split, expand_tasks, find_task_dir, get_benchmark, task_classes
+from vpt_tune.data.benchmarks import expand_tasks, find_task_dir, get_benchmark
+from vpt_tune.data.tasks import decode_task_split, task_classes
 from vpt_tune.errors import SearchInterrupted
 from vpt_tune.models.backbone import BackboneError, check_weights
 from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources, trial_task

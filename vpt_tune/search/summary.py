@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from vpt_tune.data.tasks import BENCHMARKS
+from vpt_tune.data.benchmarks import BENCHMARKS
 
 POINTS = ("best", "cheap")
 WITHIN = 0.01  # "cheap": the fewest GFLOPs within this accuracy of the best point

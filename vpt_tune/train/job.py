@@ -39,7 +39,7 @@ class Job:
     warmup_epochs: float = 0.0
     optimizer: str = "sgd"
     seed: int = 0
-    benchmark: str = "vtab-1k"  # the task folder's layout: vtab-1k or fgvc (see vpt_tune.data.tasks)
+    benchmark: str = "vtab-1k"  # the task folder's layout: vtab-1k or fgvc (see vpt_tune.data.benchmarks)
     train_split: str = "train800"
     eval_split: str = "val200"
     kv_shared: bool = True  # E²VPT: one tensor for keys and values
