@@ -135,16 +135,17 @@ def test_pareto_bad_options_are_one_line_exit_2(tmp_path, capsys, monkeypatch, a
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
-def test_pareto_reads_the_table_without_ray_mlflow_or_torch(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--summary"]])
+def test_pareto_reads_the_table_without_ray_mlflow_or_torch(tmp_path, options):
     """What makes `vpt-tune pareto` answer at once (bench/pareto_latency.py measures it)."""
     import subprocess
     import sys
 
-    experiment = _experiment(tmp_path)
+    experiment = _experiment(tmp_path, tested=True)
     code = "import sys; from vpt_tune.cli import main; main(sys.argv[1:]); " \
            "print(sorted(m for m in ('ray', 'mlflow', 'torch', 'optuna') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code, "pareto", str(experiment)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code, "pareto", str(experiment), *options], capture_output=True,
+                         text=True, check=True).stdout
     assert out.splitlines()[-1] == "[]", out
 
 
