@@ -130,7 +130,7 @@ def _summary(result, started: float) -> None:
     early = f" ({stopped} stopped early)" if stopped else ""
     print(f"\nfinished {len(finished)}/{len(table)} trials{early} in {(time.monotonic() - started) / 60:.1f} min")
     if not finished.empty:
-        print(format_table(table[table["pareto"]], shutil.get_terminal_size((100, 24)).columns))
+        print(format_table(table[table["pareto"]], _width(None)))
     if "test_acc" in table:
         from vpt_tune.search.summary import summary_markdown, summary_table
 
@@ -164,27 +164,30 @@ def _pareto(args: argparse.Namespace) -> None:
         raise UserError("--format parquet needs --output FILE.parquet")
     if args.summary and (args.all or args.wide):
         raise UserError("--summary reads every finished trial already; drop --all / --wide")
+    from vpt_tune.search.summary import summary_markdown, summary_table
+
     table = results.load_table(args.experiment)
     if args.summary:
-        from vpt_tune.search.summary import summary_markdown, summary_table
-
         table = summary_table(table)
-        text = summary_markdown(table) if args.format == "table" else None
     else:
         table = results.sort_table(table if args.all else table[table["pareto"]])
-        text = (results.wide_table(table) if args.wide else results.format_table(table, _width(output))) \
-            if args.format == "table" else None
+    if args.format == "parquet":
+        table.to_parquet(output, index=False)
+        print(f"wrote {len(table)} rows to {output}")
+        return
     if args.format == "json":
         text = json.dumps(_records(table, args.summary), indent=2, default=float)
     elif args.format == "csv":
         text = table.to_csv(index=False)
-    if output is None:
-        print(text, end="" if text.endswith("\n") else "\n")
-    elif args.format == "parquet":
-        table.to_parquet(output, index=False)
+    elif args.summary:
+        text = summary_markdown(table)
     else:
-        output.write_text(text if text.endswith("\n") else text + "\n")
-    if output:
+        text = results.wide_table(table) if args.wide else results.format_table(table, _width(output))
+    text = text if text.endswith("\n") else text + "\n"
+    if output is None:
+        print(text, end="")
+    else:
+        output.write_text(text)
         print(f"wrote {len(table)} rows to {output}")
 
 

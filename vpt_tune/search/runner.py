@@ -573,8 +573,7 @@ class Search:
                     row.mlflow_run_id, str(self.experiment_dir / row.checkpoint), PROMPTS_ARTIFACT)
         destinations = [(task_run, None), (parent, task)]
         self.tracker.log_fronts(table, task, destinations)
-        self.tracker.log_summary(task_run, table)
-        self.tracker.log_summary(parent, table, prefix=f"{task}/")  # every task's figures on the search run
+        self.tracker.log_summary(table, [(task_run, ""), (parent, f"{task}/")])  # the search run: every task's
         if finals is not None:
             self.tracker.log_fronts(table, task, destinations, accuracy="test_acc", table_name=None)
             self.tracker.log_table(task_run, finals, "final_runs")

@@ -139,27 +139,28 @@ class Tracker:
             _write_table(table, Path(tmp), name)
             self.client.log_artifacts(run_id, tmp)
 
-    def log_summary(self, run_id: str, table: pd.DataFrame, prefix: str = "") -> None:
-        """A task's results as metrics of ``run_id`` (names start with ``prefix``): ``front_size``,
-        ``best_val_acc`` (and ``best_test_acc`` after the final protocol), ``finished_trials``, and
-        ``hypervolume``: after each finished trial (in the order trials were created; the trial count is
-        the step), as a fraction of the box between the task's ideal point and its reference (the worst
-        values + 10 % of their range), so in [0, 1] and comparable across tasks and searches."""
+    def log_summary(self, table: pd.DataFrame, destinations: list[tuple[str, str]]) -> None:
+        """A task's results as metrics of every ``(run_id, name prefix)`` of ``destinations``, computed once:
+        ``finished_trials``, ``front_size``, ``best_val_acc`` (and ``best_test_acc`` after the final
+        protocol), and ``hypervolume``: after each finished trial (in the order trials were created; the
+        trial count is the step), as a fraction of the box between the task's ideal point and its reference
+        (the worst values + 10 % of their range), so in [0, 1] and comparable across tasks and searches."""
         finished = table[table["status"] == "finished"].reset_index(drop=True)
-        now = int(pd.Timestamp.now().timestamp() * 1000)
-        metrics = [Metric(f"{prefix}finished_trials", len(finished), now, 0)]
+        values = [("finished_trials", len(finished), 0)]
         if not finished.empty:
             reference = reference_point(finished)
             history = hypervolume_history(finished.rename_axis("order").reset_index(), reference, "order")
             box = box_volume(finished, reference)
-            metrics += [Metric(f"{prefix}hypervolume", v / box if box > 0 else 0.0, now, i)
-                        for i, v in enumerate(history, 1)]
-            metrics += [Metric(f"{prefix}front_size", int(finished["pareto"].sum()), now, 0),
-                        Metric(f"{prefix}best_val_acc", float(finished["val_acc"].max()), now, 0)]
+            values += [("hypervolume", v / box if box > 0 else 0.0, i) for i, v in enumerate(history, 1)]
+            values += [("front_size", int(finished["pareto"].sum()), 0),
+                       ("best_val_acc", float(finished["val_acc"].max()), 0)]
             if "test_acc" in finished and finished["test_acc"].notna().any():
-                metrics.append(Metric(f"{prefix}best_test_acc", float(finished["test_acc"].max()), now, 0))
-        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+                values.append(("best_test_acc", float(finished["test_acc"].max()), 0))
+        now = int(pd.Timestamp.now().timestamp() * 1000)
+        for run_id, prefix in destinations:
+            metrics = [Metric(f"{prefix}{name}", value, now, step) for name, value, step in values]
+            for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+                self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
 class TrialLogger(tune.Callback):
