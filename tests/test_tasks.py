@@ -164,8 +164,8 @@ def test_spec_tasks_resolve_groups_and_aliases_and_report_all_missing(tmp_path):
         task_dirs(validate({"name": "t", "space": {"num_prompts": {"int": [1, 4]}}, "data": {"benchmark": "fgvc"}}))
 
 
-@pytest.mark.parametrize("benchmark", ["vtab-1k", "fgvc"])
-def test_preprocess_gives_new_images_the_evaluations_exact_inputs(tmp_path, benchmark):
+@pytest.mark.parametrize("layout", ["vtab-1k", "fgvc"])
+def test_preprocess_gives_new_images_the_evaluations_exact_inputs(tmp_path, layout):
     """vpt_tune.load's model.preprocess: PIL images in, the evaluation split's normalised inputs out, to
     the bit (VTAB-1k: straight resize; FGVC: shorter-side resize and center crop), grey and RGBA too."""
     from PIL import Image
@@ -173,7 +173,7 @@ def test_preprocess_gives_new_images_the_evaluations_exact_inputs(tmp_path, benc
     from vpt_tune.data.tasks import Preprocess
     from test_fgvc import _noise
 
-    if benchmark == "fgvc":
+    if layout == "fgvc":
         task, split = _write_fgvc_task(tmp_path), "test"
         paths = [task / "images" / p for p in ("001.a/t.png", "003.c/s.png")]
     else:
@@ -184,8 +184,8 @@ def test_preprocess_gives_new_images_the_evaluations_exact_inputs(tmp_path, benc
             image = _noise(size, seed=i)
             (image.convert("L") if i == 1 else image.convert("RGBA") if i == 2 else image).save(path)
         (task / "val200.txt").write_text("".join(f"{p.name} {i}\n" for i, p in enumerate(paths)))
-    evaluated = task_split(benchmark, task, split, 24, MEAN, STD, 12, train=False)
-    preprocess = Preprocess(benchmark, 24, MEAN, STD)
+    evaluated = task_split(layout, task, split, 24, MEAN, STD, 12, train=False)
+    preprocess = Preprocess(layout, 24, MEAN, STD)
     with Image.open(paths[0]) as one:
         assert torch.equal(preprocess(one), evaluated.inputs(torch.tensor([0])))
     assert torch.equal(preprocess([Image.open(p) for p in paths]), evaluated.inputs(torch.arange(len(paths))))
