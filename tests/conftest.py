@@ -5,6 +5,7 @@ Everything is built from random weights at tiny sizes so the unit tests run in s
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ def _progress_on_stdout():
     from vpt_tune.cli import log_to_terminal
 
     log_to_terminal()
+    # ... and on to the root logger too, where caplog listens before pytest 9.2 (the CLI stops them there)
+    logging.getLogger("vpt_tune").propagate = True
 
 
 def require(available: bool, what: str) -> None:
