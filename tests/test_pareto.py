@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vpt_tune.search.pareto import front_figure, front_png, pareto_mask
+from vpt_tune.search.pareto import front_figure, front_page, front_png, pareto_mask
 
 ACC_TOKENS = {"val_acc": "max", "prompt_tokens": "min"}
 
@@ -106,3 +107,21 @@ def test_front_png_writes_an_image(tmp_path):
         assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100
         # not blank: plotted points and text make many distinct colours
         assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 10
+
+
+def test_front_page_is_small_and_loads_plotly_from_its_sources():
+    rng = np.random.default_rng(0)
+    big = _table(list(zip(rng.uniform(0.5, 0.9, 64), rng.integers(1, 200, 64), rng.uniform(2, 9, 64))))
+    sources = [("server", "get-artifact?path=plotly.min.mjs&run_uuid=abc"), ("page", "../plotly.min.mjs")]
+    page = front_page(big, ("prompt_tokens", "gflops"), "toy </script> task", "val_acc", sources)
+    assert len(page.encode()) < 300_000  # plotly.js alone is 4.6 MB
+    assert "Plotly.newPlot" in page and "plotly.js v" not in page  # draws with plotly.js, does not hold it
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    assert data["sources"] == [list(source) for source in sources]
+    for cost, figure in zip(("prompt_tokens", "gflops"), data["figures"]):
+        front = pareto_mask(big, {"val_acc": "max", cost: "min"})
+        assert [trace["name"] for trace in figure["data"]] == ["dominated", "Pareto front"]
+        xs = [np.frombuffer(base64.b64decode(t["x"]["bdata"]), t["x"]["dtype"]) for t in figure["data"]]  # typed
+        assert [len(x) for x in xs] == [int((~front).sum()), int(front.sum())]
+        assert sorted(np.concatenate(xs)) == sorted(big[cost])
+    assert page.count("</script>") == 2  # a title holding "</script>" cannot end the data early

@@ -1,7 +1,8 @@
-"""Pareto fronts of finished trials: non-dominated sets and front figures (plotly HTML, PNG)."""
+"""Pareto fronts of finished trials: non-dominated sets and front figures (a small plotly page, PNG)."""
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -82,6 +83,70 @@ def front_figure(table: pd.DataFrame, cost: str, title: str, accuracy: str = "va
     fig.update_layout(title=title, xaxis_title=cost, yaxis_title=accuracy, template="plotly_white",
                       hoverlabel={"align": "left"}, margin={"b": 90})
     return fig
+
+
+def front_page(table: pd.DataFrame, costs: tuple[str, ...], title: str, accuracy: str,
+               plotly_sources: list[tuple[str, str]]) -> str:
+    """One HTML page with the ``accuracy``-vs-cost front of each of ``costs``, without plotly.js: it loads
+    plotly.js once, from the first of ``plotly_sources`` that answers, so the page stays a few KB (plotly.js
+    is 4.6 MB) and works offline.
+
+    A source is ``("server", path)``, resolved against the MLflow server that shows the page (its UI puts an
+    HTML artifact in a sandboxed ``blob:`` iframe, where relative URLs do not resolve), or ``("page", path)``,
+    relative to the page's own URL (a file opened from the artifact store). When none loads, the page says so.
+    """
+    import plotly.io
+
+    figures = [json.loads(plotly.io.to_json(front_figure(table, cost, f"{title}: {accuracy} vs {cost}", accuracy),
+                                            validate=False)) for cost in costs]
+    data = json.dumps({"figures": figures, "sources": plotly_sources}).replace("<", "\\u003c")  # stays in its <script>
+    return _PAGE.replace("$TITLE", html.escape(f"{title}: {accuracy} fronts")).replace("$DATA", data)
+
+
+# Written by hand: plotly's own HTML either embeds plotly.js (4.6 MB a page) or loads it from a CDN or a
+# fixed relative path, none of which works inside MLflow's sandboxed blob: iframe without internet.
+_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>$TITLE</title>
+<style>body{margin:0;font-family:sans-serif}.front{height:480px}#missing{display:none;margin:1em;color:#a00}</style>
+</head><body>
+<p id="missing">plotly.js could not be loaded: open this page from MLflow's UI, or put plotly.min.js
+(<code>python -c "import plotly, os; print(os.path.dirname(plotly.__file__))"</code>, under
+<code>package_data</code>) beside it.</p>
+<div id="fronts"></div>
+<script id="data" type="application/json">$DATA</script>
+<script>
+(function () {
+  var data = JSON.parse(document.getElementById("data").textContent);
+  function resolve(source) {  // null when this kind of source has no base here
+    try {
+      if (source[0] === "page") return new URL(source[1], location.href).href;
+      var root = document.referrer || (location.protocol === "blob:" ? new URL(location.pathname).origin + "/" : "");
+      return root ? new URL(source[1], root).href : null;
+    } catch (e) { return null; }
+  }
+  var urls = data.sources.map(resolve).filter(Boolean);
+  function draw() {
+    data.figures.forEach(function (figure) {
+      var div = document.createElement("div");
+      div.className = "front";
+      document.getElementById("fronts").appendChild(div);
+      Plotly.newPlot(div, figure.data, figure.layout, {responsive: true});
+    });
+  }
+  function load(i) {
+    if (window.Plotly) return draw();
+    if (i >= urls.length) { document.getElementById("missing").style.display = "block"; return; }
+    var script = document.createElement("script");
+    script.src = urls[i];
+    script.onload = function () { load(i + 1); };
+    script.onerror = function () { load(i + 1); };
+    document.head.appendChild(script);
+  }
+  load(0);
+})();
+</script>
+</body></html>
+"""
 
 
 def _hover(row: dict, accuracy: str) -> str:

@@ -73,6 +73,7 @@ class SearchResult:
     experiment_dir: Path
     table: pd.DataFrame
     mlflow_uri: str
+    mlflow_experiment_id: str
     parent_run_id: str
 
 
@@ -487,6 +488,7 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
         state = {**state, "parent_run_id": parent, "task_runs": {}}
         _save_state(experiment_dir, state)
     tracker.set_tags(parent, {"trials_per_task": spec.search.trials_per_task})
+    tracker.log_plotly(parent)  # once per search (again on resume: a search begun before fronts loaded it)
     for task in tasks:
         if task not in state["task_runs"]:
             state["task_runs"][task] = tracker.start_run(task, parent, {"task": task})
@@ -502,7 +504,7 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
         tracker.log_table(parent, summary, "summary")
         tracker.client.log_text(parent, summary_markdown(summary), "summary.md")
     tracker.end_run(parent)
-    return SearchResult(experiment_dir, table, uri, parent)
+    return SearchResult(experiment_dir, table, uri, tracker.experiment_id, parent)
 
 
 @dataclass
@@ -572,10 +574,10 @@ class Search:
                 self.tracker.client.log_artifacts(  # the prompts and head, never the backbone
                     row.mlflow_run_id, str(self.experiment_dir / row.checkpoint), PROMPTS_ARTIFACT)
         destinations = [(task_run, None), (parent, task)]
-        self.tracker.log_fronts(table, task, destinations)
+        self.tracker.log_fronts(table, task, destinations, parent)
         self.tracker.log_summary(table, [(task_run, ""), (parent, f"{task}/")])  # the search run: every task's
         if finals is not None:
-            self.tracker.log_fronts(table, task, destinations, accuracy="test_acc", table_name=None)
+            self.tracker.log_fronts(table, task, destinations, parent, accuracy="test_acc", table_name=None)
             self.tracker.log_table(task_run, finals, "final_runs")
             finals.to_parquet(self.experiment_dir / "tables" / f"{task}.final.parquet", index=False)
         self.tracker.end_run(task_run)

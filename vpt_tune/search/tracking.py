@@ -19,7 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray import tune
 
 from vpt_tune.search.hypervolume import box_volume, hypervolume_history, reference_point
-from vpt_tune.search.pareto import front_figure, front_png
+from vpt_tune.search.pareto import front_page, front_png
 from vpt_tune.search.driver import FINAL, trial_task
 from vpt_tune.search.router import TASK
 from vpt_tune.search.results import MLFLOW_RUN_ID, STOPPED_AT, short_config
@@ -33,12 +33,21 @@ TRIAL_METRICS = (
     "startup_seconds", "setup_seconds",
 )
 COST_METRICS = ("prompt_tokens", "kv_tokens", "gflops", "trainable_params")
+# plotly.js, logged once on the search run for every front page. ".mjs", not ".js": MLflow's server sends
+# ".js" artifacts as text/plain with nosniff, which browsers refuse to run, and ".mjs" as text/javascript.
+PLOTLY_JS = "plotly.min.mjs"
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI shows a "custom_model_development" experiment's runs
 
 
 def default_tracking_uri() -> str:
     """``sqlite:///<cwd>/mlflow.db`` as an absolute URI."""
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def run_page(server: str, experiment_id: str, run_id: str) -> str:
+    """The address of a run's page in the MLflow UI at ``server``, in its model-training view: MLflow 3.17's
+    UI opens in its GenAI view whatever the experiment's kind tag, unless the address asks."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def error_summary(trace: str) -> str:
@@ -115,19 +124,30 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def log_plotly(self, run_id: str) -> None:
+        """plotly.js as the artifact ``PLOTLY_JS`` of the search run, where every front page loads it from."""
+        from plotly.offline import get_plotlyjs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / PLOTLY_JS).write_text(get_plotlyjs(), encoding="utf-8")
+            self.client.log_artifact(run_id, str(Path(tmp) / PLOTLY_JS))
+
     def log_fronts(self, table: pd.DataFrame, title: str, destinations: list[tuple[str, str | None]],
-                   accuracy: str = "val_acc", table_name: str | None = "trials") -> None:
-        """Render the ``accuracy``-vs-cost fronts (self-contained HTML + PNG) and the table (parquet)
-        once, and log them to every ``(run_id, artifact_path)`` of ``destinations``."""
+                   plotly_run: str, accuracy: str = "val_acc", table_name: str | None = "trials") -> None:
+        """Render the ``accuracy``-vs-cost fronts (one small HTML page, a PNG per cost) and the table once,
+        and log them to every ``(run_id, artifact_path)`` of ``destinations``. The page loads plotly.js from
+        the run ``plotly_run`` (see :meth:`log_plotly`): through the MLflow server in its UI, or beside the
+        page in the artifact store (the search run's ``<task>/`` and the task runs' root)."""
+        sources = [("server", f"get-artifact?path={PLOTLY_JS}&run_uuid={plotly_run}"), ("page", "plotly.min.js"),
+                   ("page", f"../{PLOTLY_JS}"), ("page", f"../../{plotly_run}/artifacts/{PLOTLY_JS}")]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             finished = table[(table["status"] == "finished") & table[accuracy].notna()]
+            page = front_page(finished, FRONT_COSTS, title, accuracy, sources)
+            (out / f"front_{accuracy}.html").write_text(page, encoding="utf-8")
             for cost in FRONT_COSTS:
-                name = f"front_{accuracy}_vs_{cost}"
-                front_figure(finished, cost, f"{title}: {accuracy} vs {cost}", accuracy).write_html(
-                    out / f"{name}.html", include_plotlyjs=True  # viewable offline
-                )
-                front_png(finished, cost, f"{title}: {accuracy} vs {cost}", out / f"{name}.png", accuracy)
+                front_png(finished, cost, f"{title}: {accuracy} vs {cost}", out / f"front_{accuracy}_vs_{cost}.png",
+                          accuracy)
             if table_name:
                 _write_table(table, out, table_name)
             for run_id, artifact_path in destinations:
