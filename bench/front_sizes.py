@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from pareto_latency import experiment  # noqa: E402  (the same synthetic 19-task table)
+from pareto_latency import experiment  # the same synthetic 19-task table
 
-from vpt_tune.search.pareto import front_figure  # noqa: E402
-from vpt_tune.search.results import TABLE_FILE, read_table  # noqa: E402
-from vpt_tune.search.tracking import FRONT_COSTS, PLOTLY_JS, Tracker  # noqa: E402
+from vpt_tune.search.pareto import front_figure
+from vpt_tune.search.results import TABLE_FILE, read_table
+from vpt_tune.search.tracking import FRONT_COSTS, PLOTLY_JS, Tracker
 
 
 def html_bytes(root: Path) -> int:

@@ -369,7 +369,7 @@ def test_ctrl_c_stops_the_search_truthfully_and_resume_finishes_each_trial_once(
 
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert proc.poll() is None and ready(), "the search ended before it could be interrupted"
+    assert proc.poll() is None and ready(), "the search ended before it could be interrupted:\n" + "".join(lines[-40:])
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     proc.wait(timeout=300)
     reader.join(timeout=60)

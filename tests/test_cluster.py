@@ -24,6 +24,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import require
+
 pytestmark = pytest.mark.slow  # two-node Ray clusters
 
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
@@ -255,3 +257,53 @@ def test_a_job_needs_paths_the_cluster_can_see(tmp_path, storage, needle, cli):
     proc = cli(dict(os.environ), "search", str(spec), "--storage", storage, "--address", "http://127.0.0.1:9")
     out = _finish(proc, timeout=120)
     assert proc.returncode == 2 and needle in out, out
+
+
+FAKE_HEAD = "f" * 51 + "00000"  # the node id Ray's fake multi-node provider gives its head; workers count up
+
+
+def _ray_processes() -> list[str]:
+    """Ray's own daemons running on this machine (a GCS, raylets, the autoscaler), as `ps` lists them."""
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in listing.splitlines()
+            if any(daemon in line for daemon in ("gcs_server", "/raylet ", "autoscaler/_private/monitor.py"))]
+
+
+def test_a_search_on_a_launcher_cluster_of_fake_nodes(tmp_path, cli):
+    """``vpt-tune search --cluster cluster/local.yaml`` end to end on Ray's fake multi-node provider: the
+    launcher path starts the head, the search is a Ray Job, its trials train on worker nodes the head's
+    autoscaler started for them, the command prints how to tear down, and that leaves nothing running."""
+    ports_taken = []
+    for port in (6379, 8265):  # the fake provider's workers look for the head on Ray's default ports
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                ports_taken.append(port)
+    require(not ports_taken and not _ray_processes(), "no other Ray on this machine (`ray stop`)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    trials = 2
+    spec = _spec(tmp_path, trials, epochs=1)
+    config = Path(__file__).parents[1] / "cluster" / "local.yaml"
+    proc = cli(env, "search", str(spec), "--cluster", str(config), "--name", "fake")
+    teardown = None
+    try:
+        out = _finish(proc, timeout=900)
+        assert proc.returncode == 0, out[-4000:]
+        assert "trials at once: 2" in out and "submitted Ray Job" in out and "SUCCEEDED" in out, out[-4000:]
+        (teardown,) = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("tear down:")]
+        assert teardown == "ray stop"
+
+        table = pd.read_parquet(tmp_path / "results" / "fake" / "trials.parquet")
+        assert len(table) == trials and (table["status"] == "finished").all()
+        runs = _trial_runs(tmp_path / "mlflow.db")
+        nodes = {node for r in runs for node in r.data.tags["ray_nodes"].split(",")}
+        # every trial trained on worker nodes the autoscaler started (the head has no CPUs for them)
+        assert nodes and all(node.startswith("f" * 51) and node != FAKE_HEAD for node in nodes), nodes
+        assert _ray_processes(), "the cluster stays up after the search, until torn down"
+    finally:
+        subprocess.run(teardown.split() if teardown else [RAY, "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)
+    deadline = time.monotonic() + 60
+    while _ray_processes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _ray_processes()

@@ -141,7 +141,8 @@ def test_aws_commands_are_valid_bash():
 
 def test_readme_uses_shared_storage_not_uris():
     readme = (CLUSTER / "README.md").read_text()
-    storages = re.findall(r"--storage\s+(\S+)", readme)
+    multi_machine = "\n".join(line for line in readme.splitlines() if "cluster/local.yaml" not in line)  # one machine
+    storages = re.findall(r"--storage\s+(\S+)", multi_machine)
     assert storages and all(s.startswith(f"{SHARED}/") for s in storages), storages
     assert not re.search(r"--storage\s+\S*://", readme)
     resumes = re.findall(r"vpt-tune resume\s+(\S+)", readme)
@@ -197,3 +198,50 @@ def test_aws_launch_without_boto3_names_the_extra(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "Ray's AWS launcher needs boto3" in err and "pip install 'vpt-tune[aws]'" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_local_config_is_a_valid_fake_multinode_cluster():
+    """cluster/local.yaml passes Ray's schema; its head holds no CPUs (Train workers go to autoscaled nodes)
+    but the driver resource, as aws.yaml's head does. (`ray up`'s own preparation cannot read this
+    provider's defaults in Ray 2.60: vpt-tune starts its head with `ray start`, see test_cluster.py.)"""
+    config = yaml.safe_load((CLUSTER / "local.yaml").read_text())
+    validate_config(config)
+    assert config["provider"]["type"] == "fake_multinode"
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0 and head["resources"][DRIVER] > 0
+    assert all(t["resources"]["CPU"] >= 1 and DRIVER not in t["resources"] for t in _workers(config).values())
+
+
+@pytest.mark.parametrize("config, resources, trials", [
+    ("aws.yaml", {"cpus_per_worker": 4, "gpus_per_worker": 1}, 8),  # 8 g5.xlarge, a trial each; the head: none
+    ("aws.yaml", {"cpus_per_worker": 2, "gpus_per_worker": 0.5}, 16),  # two trials share a GPU worker
+    ("aws.yaml", {"cpus_per_worker": 1, "gpus_per_worker": 1, "workers_per_trial": 2}, 4),  # DDP over 2 nodes
+    ("local.yaml", {"cpus_per_worker": 1}, 2),  # two 1-CPU fake workers; the head has no CPUs
+])
+def test_a_launched_cluster_runs_as_many_trials_as_its_largest_size_holds(config, resources, trials):
+    """A new cluster has no worker nodes yet: `--cluster` sets search.max_concurrent_trials from the launcher
+    config's node types (their declared resources x max_workers), unless the spec sets it."""
+    from vpt_tune.cluster import size_for_cluster
+    from vpt_tune.spec import load_spec
+
+    spec = load_spec("demo", [f"resources.{key}={value}" for key, value in resources.items()])
+    assert size_for_cluster(spec, CLUSTER / config).search.max_concurrent_trials == trials
+    chosen = spec.model_copy(update={"search": spec.search.model_copy(update={"max_concurrent_trials": 3})})
+    assert size_for_cluster(chosen, CLUSTER / config).search.max_concurrent_trials == 3
+
+
+def test_a_trial_no_node_type_holds_is_refused_before_the_cluster_starts(tmp_path, monkeypatch, capsys):
+    from vpt_tune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "demo", "--cluster", str(CLUSTER / "local.yaml"), "--set", "resources.cpus_per_worker=2"]) == 2
+    err = capsys.readouterr().err
+    assert "no node type declares room for a trial's 1 worker(s) of 2 CPU" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_search_prints_the_teardown_of_its_cluster():
+    from vpt_tune.cluster import teardown_command
+
+    assert teardown_command(CLUSTER / "aws.yaml") == f"ray down {CLUSTER / 'aws.yaml'}"
+    assert teardown_command(CLUSTER / "local.yaml") == "ray stop"

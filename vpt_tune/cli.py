@@ -56,6 +56,10 @@ def _search(args: argparse.Namespace) -> None:
     from vpt_tune.spec import load_spec
 
     spec = load_spec(args.spec, args.set or [])  # before the heavy imports: spec errors come at once
+    if args.cluster:
+        from vpt_tune.cluster import size_for_cluster
+
+        spec = size_for_cluster(spec, args.cluster)  # before the cluster starts: a mistake costs seconds
     address = _job_address(args)
     if address:
         from vpt_tune.cluster import submit_search
@@ -97,7 +101,7 @@ def _job_address(args: argparse.Namespace) -> str | None:
 
 def _follow(submission, args: argparse.Namespace) -> None:
     """Print where a submitted search goes, then stream its log until it ends (unless --no-follow)."""
-    from vpt_tune.cluster import follow
+    from vpt_tune.cluster import follow, teardown_command
 
     address, job = submission.address, submission.job_id
     print(f"submitted Ray Job {job} to {address}")
@@ -108,7 +112,7 @@ def _follow(submission, args: argparse.Namespace) -> None:
     print(f"follow:     ray job logs --follow {job} --address {address}")
     print(f"resume:     vpt-tune resume {submission.experiment} --address {address}")
     if args.cluster:
-        print(f"tear down:  ray down {args.cluster}")
+        print(f"tear down:  {teardown_command(args.cluster)}")
     if args.no_follow:
         return
     status = follow(address, job, lambda lines: print(lines, end="", flush=True))

@@ -14,11 +14,15 @@ Ray 2.60 clusters use token authentication by default: the token is read from ``
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shlex
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +103,8 @@ class Submission:
     mlflow_uri: str
 
 
-def launch(cluster_yaml: str | Path) -> str:
-    """Bring up (or update) the cluster of a Ray cluster launcher YAML; its job-submission address."""
+def launcher_config(cluster_yaml: str | Path) -> dict:
+    """The Ray cluster launcher config in ``cluster_yaml``, checked enough to say what is wrong."""
     path = Path(cluster_yaml).expanduser()
     if not path.is_file():
         raise ClusterError(f"--cluster {path}: file not found (see cluster/aws.yaml)")
@@ -108,9 +112,61 @@ def launch(cluster_yaml: str | Path) -> str:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ClusterError(f"--cluster {path}: not valid YAML: {err}") from None
-    if not isinstance(config, dict) or "provider" not in config:
+    if not isinstance(config, dict) or not isinstance(config.get("provider"), dict):
         raise ClusterError(f"--cluster {path}: not a Ray cluster launcher config (no `provider:`)")
-    if (config["provider"] or {}).get("type") == "aws":
+    return config
+
+
+def size_for_cluster(spec: Spec, cluster_yaml: str | Path) -> Spec:
+    """``spec`` with ``search.max_concurrent_trials`` set (unless it is) to the trials that the launcher
+    config's nodes hold at most once its autoscaler has started them all: a new cluster has no worker
+    nodes yet, and only pending trials make the autoscaler start some. Refuses, before any cluster starts,
+    a trial whose workers fit on none of the config's node types."""
+    config = launcher_config(cluster_yaml)
+    if spec.search.max_concurrent_trials:
+        return spec
+    res = spec.resources
+    need = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
+    head, workers, types = config.get("head_node_type"), 0, []  # types: (workers each holds, max count)
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        declared = (node_type or {}).get("resources") or {}
+        if not all(kind in declared for kind in need):
+            continue  # resources left to Ray to detect (e.g. from an AWS instance type): not counted
+        fit = min(int(declared[kind] // amount) for kind, amount in need.items())
+        if name == head:
+            workers += fit
+        else:
+            types.append((fit, node_type.get("max_workers", config.get("max_workers", 0))))
+    nodes_left = config.get("max_workers", sum(count for _, count in types))  # worker nodes, all types
+    for fit, count in sorted(types, reverse=True):  # the roomiest types first
+        taken = min(count, nodes_left)
+        workers, nodes_left = workers + fit * taken, nodes_left - taken
+    trials = workers // res.workers_per_trial
+    if trials < 1:
+        each = ", ".join(f"{amount:g} {kind}" for kind, amount in need.items())
+        raise ClusterError(f"--cluster {cluster_yaml}: no node type declares room for a trial's "
+                           f"{res.workers_per_trial} worker(s) of {each} (`resources:` of available_node_types); "
+                           "declare them, or set search.max_concurrent_trials")
+    log.info("trials at once: %d (what %s's nodes hold at most; set search.max_concurrent_trials to change)",
+             trials, cluster_yaml)
+    return spec.model_copy(update={"search": spec.search.model_copy(update={"max_concurrent_trials": trials})})
+
+
+def teardown_command(cluster_yaml: str | Path) -> str:
+    """The command that stops the cluster ``launch`` started."""
+    if launcher_config(cluster_yaml)["provider"].get("type") == "fake_multinode":
+        return "ray stop"  # its nodes are processes on this machine
+    return shlex.join(["ray", "down", str(cluster_yaml)])
+
+
+def launch(cluster_yaml: str | Path) -> str:
+    """Bring up (or update) the cluster of a Ray cluster launcher YAML; its job-submission address."""
+    path = Path(cluster_yaml).expanduser()
+    config = launcher_config(path)
+    provider = config["provider"].get("type")
+    if provider == "fake_multinode":
+        return _start_fake_cluster(path, config)
+    if provider == "aws":
         try:
             import boto3  # noqa: F401 - Ray's AWS launcher imports it; a clear line now, not its traceback later
         except ImportError:
@@ -126,6 +182,31 @@ def launch(cluster_yaml: str | Path) -> str:
         raise ClusterError(f"--cluster {path}: `ray up` failed: {err}; fix the config or your cloud "
                            "credentials, or start the cluster yourself and pass --address") from None
     return f"http://{head}:{JOB_PORT}"
+
+
+def _start_fake_cluster(path: Path, config: dict) -> str:
+    """Start the head of a ``fake_multinode`` config on this machine (or reuse the one running), the way
+    Ray starts that provider: ``ray up`` cannot, as its nodes are processes the head's autoscaler starts."""
+    address = f"http://127.0.0.1:{JOB_PORT}"
+    try:
+        urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
+        log.info("reusing the Ray cluster running on this machine (%s)", address)
+        return address
+    except OSError:
+        pass
+    resources = dict(config["available_node_types"][config["head_node_type"]].get("resources") or {})
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--autoscaling-config={path.resolve()}",
+               f"--dashboard-port={JOB_PORT}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+               f"--num-cpus={resources.pop('CPU', 0):g}", f"--num-gpus={resources.pop('GPU', 0):g}",
+               f"--resources={json.dumps(resources)}"]
+    log.info("starting the head of %s on this machine (Ray's fake multi-node provider)...", path)
+    done = subprocess.run(command, env={**os.environ, "RAY_FAKE_CLUSTER": "1"}, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ClusterError(f"--cluster {path}: `ray start --head` failed: {last[0]}; is another Ray running "
+                           "here (`ray stop` ends it)?")
+    return address
 
 
 def submit_search(spec: Spec, address: str, name: str | None, storage: str | None, mlflow_uri: str | None,

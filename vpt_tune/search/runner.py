@@ -467,7 +467,13 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
         start_ray()
     parallel = concurrency(spec)
     if cluster:  # a cluster's nodes are known once joined
-        check_resources(spec, [node["Resources"] for node in ray.nodes() if node["Alive"]], cluster)
+        try:
+            check_resources(spec, [node["Resources"] for node in ray.nodes() if node["Alive"]], cluster)
+        except SpecError as err:
+            if not spec.search.max_concurrent_trials:  # no telling how far an autoscaler would go
+                raise SpecError(f"{err}; if the cluster autoscales, set search.max_concurrent_trials to the trials "
+                                "its largest size holds (vpt-tune search --cluster does so)") from None
+            log.warning("%s; until the cluster's autoscaler starts such nodes, the trials wait", err)
     tracker = Tracker(uri, spec.tracking.experiment)  # creates the store (mlflow.db): only once all checks pass
     resumed = "parent_run_id" in state
     if not resumed:
