@@ -18,13 +18,14 @@ import torch
 from vpt_tune.data.vtab import ImageSplit
 from vpt_tune.models.backbone import freeze
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _progress_on_stdout():
-    """In-process searches show their progress on stdout, as under the command line (tests read it there)."""
+    """In-process searches show their progress on stdout, as under the command line (tests read it there),
+    and their records reach the root logger too, where caplog listens before pytest 9.2: set again for
+    every test, since a test that runs the CLI in-process lets it stop them there."""
     from vpt_tune.cli import log_to_terminal
 
     log_to_terminal()
-    # ... and on to the root logger too, where caplog listens before pytest 9.2 (the CLI stops them there)
     logging.getLogger("vpt_tune").propagate = True
 
 

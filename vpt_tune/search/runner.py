@@ -469,11 +469,12 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
     if cluster:  # a cluster's nodes are known once joined
         try:
             check_resources(spec, [node["Resources"] for node in ray.nodes() if node["Alive"]], cluster)
-        except SpecError as err:
+        except SpecError as err:  # a search sized for an autoscaling cluster waits for its nodes
             if not spec.search.max_concurrent_trials:  # no telling how far an autoscaler would go
                 raise SpecError(f"{err}; if the cluster autoscales, set search.max_concurrent_trials to the trials "
                                 "its largest size holds (vpt-tune search --cluster does so)") from None
-            log.warning("%s; until the cluster's autoscaler starts such nodes, the trials wait", err)
+            log.warning("no node of the Ray cluster holds a trial's workers yet: the trials wait for its autoscaler "
+                        "to start some")
     tracker = Tracker(uri, spec.tracking.experiment)  # creates the store (mlflow.db): only once all checks pass
     resumed = "parent_run_id" in state
     if not resumed:
