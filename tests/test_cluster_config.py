@@ -234,7 +234,8 @@ def test_a_trial_no_node_type_holds_is_refused_before_the_cluster_starts(tmp_pat
     from vpt_tune.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["search", "demo", "--cluster", str(CLUSTER / "local.yaml"), "--set", "resources.cpus_per_worker=2"]) == 2
+    local = str(CLUSTER / "local.yaml")
+    assert main(["search", "demo", "--cluster", local, "--set", "resources.cpus_per_worker=2"]) == 2
     err = capsys.readouterr().err
     assert "no node type declares room for a trial's 1 worker(s) of 2 CPU" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []

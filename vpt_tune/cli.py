@@ -142,11 +142,12 @@ def _summary(result, started: float) -> None:
         print(f"\n{summary_markdown(summary_table(table))}")
     print(f"\nexperiment: {result.experiment_dir}")
     print(f"fronts:     vpt-tune pareto {result.experiment_dir}")
+    ids = result.mlflow_experiment_id, result.parent_run_id
     if result.mlflow_uri.startswith(("http://", "https://")):
-        print(f"MLflow:     {run_page(result.mlflow_uri, result.mlflow_experiment_id, result.parent_run_id)}")
+        print(f"MLflow:     {run_page(result.mlflow_uri, *ids)}")
     else:
         print(f"MLflow:     mlflow ui --backend-store-uri {result.mlflow_uri}")
-        print(f"            then {run_page('http://127.0.0.1:5000', result.mlflow_experiment_id, result.parent_run_id)}")
+        print(f"            then {run_page('http://127.0.0.1:5000', *ids)}")
     print(f"more:       vpt-tune resume {result.experiment_dir} --set search.trials_per_task=N")
 
 

@@ -90,7 +90,7 @@ def train_worker(config: dict[str, Any]) -> None:
         constant_metrics = {**constant_metrics, REUSED_BASE: resume["source"]}
     last: dict[str, Any] = resume["report"] if resume else {"epoch": -1, "metrics": {}, "train_seconds": 0.0}
     constant_metrics = {**constant_metrics, NODE: ray.get_runtime_context().get_node_id()}  # rank 0's reaches Tune
-    rungs = config.get(RUNGS) or {"epochs": []}
+    rungs = config[RUNGS]  # the trial driver always sets it (no rungs: an empty list)
 
     def report(epoch: int, metrics: dict[str, float], state: dict | None) -> bool:
         """Report ``epoch`` (0-based), with a checkpoint of ``state`` if given; whether the trial trains on
