@@ -263,10 +263,16 @@ FAKE_HEAD = "f" * 51 + "00000"  # the node id Ray's fake multi-node provider giv
 
 
 def _ray_processes() -> list[str]:
-    """Ray's own daemons running on this machine (a GCS, raylets, the autoscaler), as `ps` lists them."""
-    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in listing.splitlines()
-            if any(daemon in line for daemon in ("gcs_server", "/raylet ", "autoscaler/_private/monitor.py"))]
+    """Ray's own daemons running on this machine (a GCS, raylets, the autoscaler), by their whole command lines
+    (``ps`` cuts them at the terminal's width, before the daemon's name when Ray lives under a long path)."""
+    import psutil  # a dependency of Ray's
+
+    lines = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if any(daemon in line for daemon in ("gcs_server", "/raylet ", "autoscaler/_private/monitor.py")):
+            lines.append(line)
+    return lines
 
 
 def test_a_search_on_a_launcher_cluster_of_fake_nodes(tmp_path, cli):
