@@ -217,6 +217,7 @@ def test_local_config_is_a_valid_fake_multinode_cluster():
     ("aws.yaml", {"cpus_per_worker": 2, "gpus_per_worker": 0.5}, 16),  # two trials share a GPU worker
     ("aws.yaml", {"cpus_per_worker": 1, "gpus_per_worker": 1, "workers_per_trial": 2}, 4),  # DDP over 2 nodes
     ("local.yaml", {"cpus_per_worker": 1}, 2),  # two 1-CPU fake workers; the head has no CPUs
+    ("local.yaml", {"cpus_per_worker": 0.1}, 20),  # ten a node, in Ray's units (1 // 0.1 == 9 in floats)
 ])
 def test_a_launched_cluster_runs_as_many_trials_as_its_largest_size_holds(config, resources, trials):
     """A new cluster has no worker nodes yet: `--cluster` sets search.max_concurrent_trials from the launcher

@@ -126,13 +126,13 @@ def size_for_cluster(spec: Spec, cluster_yaml: str | Path) -> Spec:
     if spec.search.max_concurrent_trials:
         return spec
     res = spec.resources
-    need = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
+    need = res.per_worker()
     head, workers, types = config.get("head_node_type"), 0, []  # types: (workers each holds, max count)
     for name, node_type in (config.get("available_node_types") or {}).items():
         declared = (node_type or {}).get("resources") or {}
         if not all(kind in declared for kind in need):
             continue  # resources left to Ray to detect (e.g. from an AWS instance type): not counted
-        fit = min(int(declared[kind] // amount) for kind, amount in need.items())
+        fit = res.workers_on(declared)
         if name == head:
             workers += fit
         else:

@@ -243,6 +243,16 @@ class ResourcesSpec(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
 
+    def per_worker(self) -> dict[str, float]:
+        """What one Train worker asks Ray for: CPUs, and GPUs when it asks for some."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker > 0 else {})}
+
+    def workers_on(self, node: dict[str, float]) -> int:
+        """How many Train workers a node with ``node``'s resources holds (Ray places each worker whole),
+        counted in Ray's fixed-point resource units (1e-4), where 1 // 0.1 == 9 in floats."""
+        return min(round(node.get(kind, 0) * 10_000) // max(round(amount * 10_000), 1)
+                   for kind, amount in self.per_worker().items())
+
 
 class FinalSpec(_Strict):
     """The papers' protocol after the search: each task's Pareto-optimal configs are retrained on the

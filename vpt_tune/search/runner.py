@@ -202,9 +202,8 @@ def check_resources(spec: Spec, nodes: list[dict[str, float]], cluster: bool) ->
     """A trial's Train workers must fit on ``nodes`` (each node's resources): each worker on one node,
     as Ray places a worker's bundle whole, and all of them at once."""
     res = spec.resources
-    need = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
-    fits = [min(_ray_units(node.get(kind, 0)) // max(_ray_units(amount), 1) for kind, amount in need.items())
-            for node in nodes]
+    need = res.per_worker()
+    fits = [res.workers_on(node) for node in nodes]
     largest, whole = ("the largest node of the Ray cluster", "the Ray cluster") if cluster else ("this machine",) * 2
     if not any(fits):
         have = {kind: max((node.get(kind, 0) for node in nodes), default=0) for kind in need}
@@ -219,11 +218,6 @@ def check_resources(spec: Spec, nodes: list[dict[str, float]], cluster: bool) ->
         raise SpecError(f"resources.workers_per_trial: {res.workers_per_trial} workers of {each} each do not fit "
                         f"on {whole} ({total}: {sum(fits)} at once); set workers_per_trial: {sum(fits)} or less, "
                         "or ask for less per worker")
-
-
-def _ray_units(amount: float) -> int:
-    """``amount`` in Ray's fixed-point resource units (1e-4): exact counts, where 1 // 0.1 == 9 in floats."""
-    return round(amount * 10_000)
 
 
 def start_ray() -> None:
