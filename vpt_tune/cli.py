@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -24,6 +25,7 @@ EPILOG = """examples:
   vpt-tune resume vpt_results/demo-20261123-101500 --set search.trials_per_task=32   # more trials
   vpt-tune pareto vpt_results/demo-20261123-101500 --format json
   vpt-tune export vpt_results/demo-20261123-101500 --task digits --trial 1a2b3c4d best.pt
+  vpt-tune plan search_spaces/vtab_pc.yaml --cluster cluster/aws.yaml   # PFLOPs, GPU-hours, wall time
   vpt-tune cost --model vit_base_patch16_224 --img-size 224 --prompts 50 --placement deep
   vpt-tune cost --prompts 10 --kv-prompts 5        # E²VPT, ViT-B/16: 18.51 GFLOPs
   mlflow ui --backend-store-uri sqlite:///mlflow.db  # browse runs, fronts and tables
@@ -70,6 +72,25 @@ def _search(args: argparse.Namespace) -> None:
 
     started = time.monotonic()
     _summary(run_search(spec, name=args.name, storage=args.storage, mlflow_uri=args.mlflow_uri), started)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from vpt_tune.spec import load_spec
+
+    with contextlib.redirect_stdout(sys.stderr if args.format == "json" else sys.stdout):  # notices off the JSON
+        spec = load_spec(args.spec, args.set or [], require_env=False)
+        if args.cluster:
+            from vpt_tune.cluster import size_for_cluster
+
+            spec = size_for_cluster(spec, args.cluster)
+        from vpt_tune.search.plan import make_plan, plan_lines, planned_tasks, trials_at_once
+        from vpt_tune.search.runner import local_resources
+
+        plan = make_plan(spec, planned_tasks(spec), trials_at_once(spec, local_resources(spec)), args.gpu)
+    if args.format == "json":
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print("\n".join(plan_lines(plan)))
 
 
 def _resume(args: argparse.Namespace) -> None:
@@ -285,6 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a spec value, e.g. --set search.trials_per_task=16 (repeatable)")
     _cluster_options(search)
     search.set_defaults(func=_search)
+
+    plan = sub.add_parser(
+        "plan", help="what a search will cost before it starts: trials, epochs, PFLOPs, device-hours, wall time",
+        description="Plan SPEC's search without running it: per task the trials, epochs per trial (with early "
+        "stopping: expected-most), images, training and evaluation PFLOPs from the cost model (multiply-adds), "
+        "the final protocol's retrains; then GPU- (or CPU-) hours and wall time, from a short training step "
+        "measured here, or for GPU trials on a machine without one, a stated GPU (--gpu). Works before the data "
+        "is downloaded (the benchmarks' split sizes are known) and without a GPU.",
+    )
+    plan.add_argument("spec", nargs="?", default="demo", help="spec YAML file, or a built-in spec name (default: demo)")
+    plan.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec value (repeatable)")
+    plan.add_argument("--cluster", metavar="YAML",
+                      help="size the trials at a time for this cluster launcher YAML (nothing is started)")
+    plan.add_argument("--gpu", default="a10g", metavar="NAME",
+                      help="GPU assumed for GPU trials when this machine has none: a10g (default, cluster/aws.yaml's), "
+                      "l4, a100, h100 or h200")
+    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.set_defaults(func=_plan)
 
     resume = sub.add_parser(
         "resume", help="continue an interrupted search, or extend a finished one",

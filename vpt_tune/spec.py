@@ -241,11 +241,17 @@ class ResourcesSpec(_Strict):
 
     workers_per_trial: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    # auto: GPUs shared by as many trials as fit their measured memory (vpt_tune.search.packing), CPU without GPUs
+    gpus_per_worker: Annotated[float, Field(ge=0)] | Literal["auto"] = 0.0
+
+    @property
+    def gpus(self) -> float:
+        """GPUs per worker once decided (``auto`` before the search decides it: none)."""
+        return 0.0 if self.gpus_per_worker == "auto" else self.gpus_per_worker
 
     def per_worker(self) -> dict[str, float]:
         """What one Train worker asks Ray for: CPUs, and GPUs when it asks for some."""
-        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker > 0 else {})}
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus} if self.gpus > 0 else {})}
 
     def workers_on(self, node: dict[str, float]) -> int:
         """How many Train workers a node with ``node``'s resources holds (Ray places each worker whole),
@@ -315,8 +321,10 @@ def builtin_spec(name: str) -> Path | None:
     return Path(str(path)) if path.is_file() else None
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
-    """Read, expand, override and validate a spec file (a built-in spec name, or ``-``: standard input)."""
+def load_spec(path: str | Path, overrides: list[str] = (), require_env: bool = True) -> Spec:
+    """Read, expand, override and validate a spec file (a built-in spec name, or ``-``: standard input).
+    ``require_env=False`` keeps a reference to an unset environment variable as it is written (a plan
+    made before the data has a folder)."""
     stdin = str(path) == "-"
     path = Path("<stdin>" if stdin else path)
     if not stdin and not path.is_file() and (len(path.parts) == 1 or path.parts[0] == "search_spaces"):
@@ -330,7 +338,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
         raise SpecError(f"{path}: a spec is a YAML mapping of keys (name, space, train, ...)")
     for override in overrides:
         _apply_override(raw, override, path)
-    return validate(_expand_env(raw, path), path)
+    return validate(_expand_env(raw, path, require=require_env), path)
 
 
 def validate(raw: dict, source: str | Path = "<spec>") -> Spec:
@@ -521,14 +529,14 @@ class _SpecLoader(yaml.SafeLoader):
                 node.start_mark) from None
 
 
-def _expand_env(node: Any, source: Path, key: str = "") -> Any:
+def _expand_env(node: Any, source: Path, key: str = "", require: bool = True) -> Any:
     if isinstance(node, dict):
-        return {k: _expand_env(v, source, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+        return {k: _expand_env(v, source, f"{key}.{k}" if key else str(k), require) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_env(v, source, f"{key}[{i}]") for i, v in enumerate(node)]
+        return [_expand_env(v, source, f"{key}[{i}]", require) for i, v in enumerate(node)]
     if isinstance(node, str):
         for var in _ENV_VAR.findall(node):
-            if var not in os.environ:
+            if var not in os.environ and require:
                 raise SpecError(f"{source}: {key}: environment variable ${{{var}}} is not set (export {var}=...)")
-        return _ENV_VAR.sub(lambda m: os.environ[m.group(1)], node)
+        return _ENV_VAR.sub(lambda m: os.environ.get(m.group(1), m.group(0)), node)
     return node

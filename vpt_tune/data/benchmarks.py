@@ -24,6 +24,7 @@ class Benchmark:
     tasks: dict[str, int]
     aliases: dict[str, str] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> split -> images (for plans)
 
     def canonical(self, task: str) -> str | None:
         """The canonical name of ``task`` (a canonical name or alias, any case, ``-``/``_`` alike), or None."""
@@ -46,6 +47,13 @@ _NATURAL = {"cifar100": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 
 _SPECIALIZED = {"patch_camelyon": 2, "eurosat": 10, "resisc45": 45, "diabetic_retinopathy": 5}
 _STRUCTURED = {"clevr_count": 8, "clevr_dist": 6, "dmlab": 6, "kitti": 4, "dsprites_loc": 16, "dsprites_ori": 16,
                "smallnorb_azi": 18, "smallnorb_ele": 9}
+
+# VTAB-1k's test splits (the test.txt lists NOAH, SPT and later repos share); its other splits are fixed.
+_VTAB_TEST = {"cifar100": 10_000, "caltech101": 6_084, "dtd": 1_880, "oxford_flowers102": 6_149,
+              "oxford_iiit_pet": 3_669, "svhn": 26_032, "sun397": 21_750, "patch_camelyon": 32_768, "eurosat": 5_400,
+              "resisc45": 6_300, "diabetic_retinopathy": 42_670, "clevr_count": 15_000, "clevr_dist": 15_000,
+              "dmlab": 22_735, "kitti": 711, "dsprites_loc": 73_728, "dsprites_ori": 73_728, "smallnorb_azi": 12_150,
+              "smallnorb_ele": 12_150}
 
 VTAB_1K = Benchmark(
     name="vtab-1k",
@@ -76,6 +84,8 @@ VTAB_1K = Benchmark(
         "vtab-structured": list(_STRUCTURED),
         "vtab-all": [*_NATURAL, *_SPECIALIZED, *_STRUCTURED],
     },
+    sizes={task: {"train800": 800, "val200": 200, "train800val200": 1000, "test": test}
+           for task, test in _VTAB_TEST.items()},
 )
 
 FGVC = Benchmark(
@@ -92,6 +102,10 @@ FGVC = Benchmark(
         "Stanford-cars": "stanford_cars", "cars": "stanford_cars",
     },
     groups={"fgvc-all": ["cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]},
+    # VPT's splits (its paper's appendix table: train / val / test).
+    sizes={task: dict(zip(("train", "val", "test"), sizes)) for task, sizes in {
+        "cub": (5_394, 600, 5_794), "nabirds": (21_536, 2_393, 24_633), "oxford_flowers": (1_020, 1_020, 6_149),
+        "stanford_dogs": (10_800, 1_200, 8_580), "stanford_cars": (7_329, 815, 8_041)}.items()},
 )
 
 BENCHMARKS = {"vtab-1k": VTAB_1K, "fgvc": FGVC}

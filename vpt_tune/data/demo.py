@@ -60,6 +60,12 @@ DEMO_TASKS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
 }
 
 
+DEMO_CLASSES = 10  # both demo tasks
+# Images per split once materialised (digits: 1,797 images in all; fashion_mnist: 2,000 test images).
+DEMO_SIZES = {task: {"train800": TRAIN, "val200": VAL, "train800val200": TRAIN + VAL, "test": test}
+              for task, test in (("digits", 797), ("fashion_mnist", 2000))}
+
+
 def available_demo_tasks() -> list[str]:
     """Demo tasks whose source data is present on this machine."""
     return [name for name in DEMO_TASKS if name != "fashion_mnist" or FASHION_MNIST_DIR.is_dir()]

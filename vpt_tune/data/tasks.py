@@ -26,6 +26,29 @@ def task_classes(benchmark: str, task_dir: Path) -> int:
     return fgvc.num_classes(task_dir, known) if benchmark == "fgvc" else vtab.num_classes(task_dir, known)
 
 
+@dataclass(frozen=True)
+class TaskSize:
+    """A task's classes and images per split, for plans made before its data is read."""
+
+    classes: int
+    images: dict[str, int]  # split -> images
+
+
+def task_size(benchmark: str, task: str, task_dir: Path | None) -> TaskSize:
+    """Classes and split sizes of ``task``: counted in ``task_dir`` when it exists (read, not decoded),
+    else the benchmark's published figures for a known task; a DataError for an unknown task with no folder."""
+    bench = get_benchmark(benchmark)
+    if task_dir is not None and task_dir.is_dir():
+        read = fgvc.read_json if benchmark == "fgvc" else vtab.read_list
+        splits = (*bench.search_splits, *bench.final_splits)
+        return TaskSize(task_classes(benchmark, task_dir), {split: len(read(task_dir, split)) for split in splits})
+    canonical = bench.canonical(task)
+    if canonical is None:
+        raise vtab.DataError(f"task {task!r}: no folder to count its images in and not a known {benchmark} task; "
+                             "point data.root at its folder")
+    return TaskSize(bench.tasks[canonical], dict(bench.sizes[canonical]))
+
+
 def task_split(
     benchmark: str,
     task_dir: Path,

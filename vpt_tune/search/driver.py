@@ -22,7 +22,8 @@ from vpt_tune.search.router import TASK
 from vpt_tune.spec import Space, Spec
 from vpt_tune.train.job import Job, expected_cost
 from vpt_tune.train.loop import DivergenceError
-from vpt_tune.train.worker import DIVERGED, RUNGS, STARTED_AT, train_worker
+from vpt_tune.train.probe import GpuMemoryError
+from vpt_tune.train.worker import DIVERGED, OUT_OF_MEMORY, RUNGS, STARTED_AT, train_worker
 
 FINAL = "final"  # config key of a final retrain (see make_job)
 # Ray Train's controller polls its workers every 2 s by default; 0.5 s ends a trial sooner
@@ -92,7 +93,8 @@ def run_trial(
     A restarted trial (a resumed search) builds the same Train run name, so Ray Train continues it
     from its latest checkpoint; a killed worker or lost node restarts the worker group from there, up
     to ``train.max_failures`` times. A diverged loss is not retried (it would diverge again): the
-    worker reports it and the trial fails with :class:`DivergenceError`.
+    worker reports it and the trial fails with :class:`DivergenceError`; so does running out of GPU memory
+    (:class:`GpuMemoryError`, saying what to set), and the search goes on.
 
     With early stopping, the workers wait at each rung for the search's decision in a folder of this
     driver's own (a fresh one per start: a resumed search, whose restored records may decide a rung
@@ -101,8 +103,6 @@ def run_trial(
     spec = Spec.model_validate_json(spec_json)
     job = make_job(spec, task_dirs[trial_task(config)], config)
     res = spec.resources
-    use_gpu = res.gpus_per_worker > 0
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
     trial_name = tune.get_context().get_trial_name()
     rungs = [] if FINAL in config else spec.search.early_stopping.rungs(spec.train.epochs)
     decisions = Path(train_storage, trial_name, "rung_decisions", uuid.uuid4().hex)
@@ -112,13 +112,14 @@ def run_trial(
             "job": asdict(job),
             "report": expected_cost(job).as_dict(),  # judged on its final cost while it trains
             "threads": res.cpus_per_worker,
+            "gpus_per_worker": res.gpus,
             "checkpoint_every": spec.train.checkpoint_every,
             "base_store": base_store if spec.train.reuse_base else None,
             STARTED_AT: time.time(),
             RUNGS: {"epochs": rungs, "folder": str(decisions)},
         },
         scaling_config=ScalingConfig(
-            num_workers=res.workers_per_trial, use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=res.workers_per_trial, use_gpu=res.gpus > 0, resources_per_worker=res.per_worker()
         ),
         run_config=RunConfig(
             name=trial_name,
@@ -129,5 +130,6 @@ def run_trial(
         ),
     )
     result = trainer.fit()
-    if result.metrics and result.metrics.get(DIVERGED):
-        raise DivergenceError(result.metrics[DIVERGED])
+    for key, error in ((DIVERGED, DivergenceError), (OUT_OF_MEMORY, GpuMemoryError)):
+        if result.metrics and result.metrics.get(key):
+            raise error(result.metrics[key])

@@ -45,7 +45,9 @@ from vpt_tune.data.tasks import decode_task_split, task_classes
 from vpt_tune.errors import SearchInterrupted
 from vpt_tune.models.backbone import BackboneError, check_weights
 from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources, trial_task
+from vpt_tune.search.packing import probe_on_a_gpu, resolve_gpus
 from vpt_tune.search.pareto import pareto_mask
+from vpt_tune.search.plan import make_plan, plan_lines, trials_at_once
 from vpt_tune.search.router import TASK, TaskRouter
 from vpt_tune.search.results import (
     METRIC_COLUMNS, PROMPTS_ARTIFACT, STATE_FILE, STOPPED_AT, TABLE_FILE, TRAIN_RUNS, experiment_relative, read_table,
@@ -64,6 +66,7 @@ RESUME_OVERRIDES = ("search.trials_per_task", "search.max_concurrent_trials")
 # A finished trial's driver process runs the next trial (all trials ask for the same bundle), which spares
 # each later trial a process start and its torch/timm imports; bench/trial_overhead.py measures both ways.
 REUSE_TRIAL_ACTORS = True
+PLAN_TASK_LINES = 8  # a search's plan shows a line per task up to this many tasks, else only the totals
 
 
 @dataclass
@@ -181,7 +184,7 @@ def check_tracking(uri: str) -> None:
 def check_gpus(spec: Spec) -> None:
     """Trials that ask for GPUs need one here, unless they run on a Ray cluster (checked there)."""
     joining_cluster = ray.is_initialized() or os.environ.get("RAY_ADDRESS")
-    if spec.resources.gpus_per_worker > 0 and not joining_cluster and not torch.cuda.is_available():
+    if spec.resources.gpus > 0 and not joining_cluster and not torch.cuda.is_available():
         raise SpecError(
             "resources.gpus_per_worker: the trials ask for GPUs but this machine has none; "
             "set gpus_per_worker: 0 (--set resources.gpus_per_worker=0) or run on a GPU cluster"
@@ -194,7 +197,7 @@ def local_resources(spec: Spec) -> dict[str, float]:
     # container's limit); Ray ignores the affinity mask, so os.sched_getaffinity would disagree with it.
     cpus = ray._private.utils.get_num_cpus()
     # Ray and torch both see the GPUs CUDA_VISIBLE_DEVICES leaves; asked only when needed (CUDA start-up).
-    gpus = torch.cuda.device_count() if spec.resources.gpus_per_worker > 0 else 0
+    gpus = torch.cuda.device_count() if spec.resources.gpus_per_worker != 0 else 0
     return {"CPU": cpus, "GPU": gpus}
 
 
@@ -237,21 +240,14 @@ def start_ray() -> None:
 
 def concurrency(spec: Spec) -> int:
     """How many trials fit at once: by GPUs when trials use GPUs, else by CPUs."""
-    res, total = spec.resources, ray.cluster_resources()
-    if spec.search.max_concurrent_trials:
-        return spec.search.max_concurrent_trials
-    if res.gpus_per_worker > 0:
-        fit = total.get("GPU", 0) // (res.gpus_per_worker * res.workers_per_trial)
-        if fit < 1:
-            raise SpecError(
-                f"resources.gpus_per_worker: the trials ask for GPUs but the Ray cluster has "
-                f"{total.get('GPU', 0):g}; set gpus_per_worker: 0 to train on CPU"
-            )
-    else:
-        fit = total.get("CPU", 0) // (res.cpus_per_worker * res.workers_per_trial)
-        if fit < 1:
-            raise SpecError(f"resources: a trial needs more CPUs than the Ray cluster has ({total.get('CPU', 0):g})")
-    return int(fit)
+    total = ray.cluster_resources()
+    fit = trials_at_once(spec, total)
+    if fit < 1 and spec.resources.gpus > 0:
+        raise SpecError(f"resources.gpus_per_worker: the trials ask for GPUs but the Ray cluster has "
+                        f"{total.get('GPU', 0):g}; set gpus_per_worker: 0 to train on CPU")
+    if fit < 1:
+        raise SpecError(f"resources: a trial needs more CPUs than the Ray cluster has ({total.get('CPU', 0):g})")
+    return fit
 
 
 class ProgressPrinter(tune.Callback):
@@ -459,6 +455,7 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
     os.environ.update(RAY_TRAIN_POLL)  # a local Ray's workers inherit it (a Ray Job gets it from its runtime env)
     if not ray.is_initialized():
         start_ray()
+    spec = resolve_gpus(spec, ray.cluster_resources().get("GPU", 0), probe_on_a_gpu, cluster)  # gpus: auto
     parallel = concurrency(spec)
     if cluster:  # a cluster's nodes are known once joined
         try:
@@ -476,6 +473,9 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
         (experiment_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(by_alias=True, exclude_none=True)))
     log.info("experiment: %s%s", experiment_dir, " (resumed)" if resumed else "")
     log.info("%d task(s) x %d trials, %d at a time", len(tasks), spec.search.trials_per_task, parallel)
+    if not resumed:
+        for line in plan_lines(make_plan(spec, tasks, parallel), per_task=len(tasks) <= PLAN_TASK_LINES):
+            log.info("%s", line)
 
     if resumed:
         parent = tracker.reopen(state["parent_run_id"])

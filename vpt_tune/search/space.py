@@ -181,3 +181,20 @@ def make_sampler(search: SearchSpec, space: Space | None = None) -> optuna.sampl
     if all(c is not None for c in choices) and math.prod(len(c) for c in choices) <= MAX_NO_REPEAT_CONFIGS:
         return _NoRepeats(sampler, space, seed)
     return sampler
+
+
+def sample_configs(space: Space, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``count`` configs of ``space`` drawn at random by Optuna's RandomSampler (fixed values included),
+    as trials would see them: what a plan averages its costs over."""
+    optuna.logging.disable_default_handler()  # no "A new study created in memory" line
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    finally:
+        optuna.logging.enable_default_handler()
+    define = DefineByRun(space)
+    configs = []
+    for _ in range(count):
+        trial = study.ask()
+        fixed = define(trial)
+        configs.append({**fixed, **trial.params})
+    return configs

@@ -122,12 +122,14 @@ def resolve_weights(weights: str) -> str | None:
     return None if weights == "hub" else weights
 
 
-def expected_cost(job: Job) -> Cost:
+def expected_cost(job: Job, shape: ViTShape | None = None, classes: int | None = None) -> Cost:
     """The cost ``job``'s model will have after E²VPT token pruning and condensation, known before it
     trains: what its objectives are judged on while it trains (early stopping). Exact for pruning and
     per-block condensation; global condensation removes an exact number of prompts, shared out here
-    among the blocks in proportion to their prompts (the trained scores decide the real split)."""
-    shape = ViTShape.for_model(job.model, job.img_size)
+    among the blocks in proportion to their prompts (the trained scores decide the real split).
+    ``shape`` and ``classes`` (default: read off the model name and the task's folder) spare the lookups."""
+    shape = shape or ViTShape.for_model(job.model, job.img_size)
+    classes = classes or task_classes(job.benchmark, Path(job.task_dir))
     counts = job.counts(shape.depth)
     fresh = [count > 0 for count in counts]
     if job.retrain_epochs and job.prune_ratios[0]:  # the same token indices go in every block
@@ -137,8 +139,7 @@ def expected_cost(job: Job) -> Cost:
         counts = [count - removed_count(count, ratio) for count in counts]
     elif ratio > 0:
         counts = _apportion(counts, sum(counts) - removed_count(sum(counts), ratio))
-    return prompted_cost(shape, counts, task_classes(job.benchmark, Path(job.task_dir)), job.kv_counts(shape.depth),
-                         job.kv_shared, fresh)
+    return prompted_cost(shape, counts, classes, job.kv_counts(shape.depth), job.kv_shared, fresh)
 
 
 def _apportion(counts: list[int], total: int) -> list[int]:

@@ -89,7 +89,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (off elsewhere): how trials train and evaluate."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -99,7 +100,7 @@ def evaluate(model: nn.Module, split: ImageSplit, batch_size: int, device: torch
     model.eval()
     correct = 0
     for images, labels in split.batches(batch_size):
-        with _autocast(device):
+        with autocast(device):
             logits = model(images.to(device))
         correct += (logits.argmax(dim=1).cpu() == labels).sum().item()
     return correct / len(split)
@@ -148,7 +149,7 @@ def train(
         total_loss, seen = 0.0, 0
         for images, labels in train_split.batches(cfg.batch_size, shuffle, indices):
             images, labels = images.to(device), labels.to(device)
-            with _autocast(device):
+            with autocast(device):
                 loss = loss_fn(model(images).float(), labels)
             if not torch.isfinite(loss):
                 raise DivergenceError(f"loss became {loss.item()} at epoch {epoch}; lower base_lr")

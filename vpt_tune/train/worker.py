@@ -27,9 +27,11 @@ from ray.train.torch import get_device, prepare_model
 
 from vpt_tune.train.job import CHECKPOINT_FILE, Job, run
 from vpt_tune.train.loop import DivergenceError
+from vpt_tune.train.probe import out_of_memory_message
 from vpt_tune.train.rung_decision import RUNG_DECISION, await_decision, decision_file
 
 DIVERGED = "diverged"  # metric carrying a DivergenceError's message to the trial
+OUT_OF_MEMORY = "out_of_memory"  # metric carrying what to set after a trial ran out of GPU memory
 NODE = "node_id"  # result key: the Ray node rank 0 trains on
 COMPLETE = "trial_complete"  # result key, in a trial's last report only: it ran to its end
 REUSED_BASE = "reused_base_from"  # result key: the trial whose trained, uncondensed model this one started from
@@ -127,10 +129,17 @@ def train_worker(config: dict[str, Any]) -> None:
         model, final = run(job, get_device(), on_epoch, (rank, world), wrap, resume)  # final: incl. the final cost
     except StoppedAtRung:
         return
-    except DivergenceError as err:  # deterministic: report it (with a checkpoint, so the result keeps it) instead
-        with tempfile.TemporaryDirectory() as tmp:  # of failing the worker group, which Ray Train would retry
-            Path(tmp, CHECKPOINT_FILE).write_text(str(err))
-            failed = {**constant_metrics, "val_acc": float("nan"), DIVERGED: str(err)}  # Tune wants every objective
+    except (DivergenceError, torch.OutOfMemoryError) as err:  # would happen again: report it (with a checkpoint,
+        if isinstance(err, DivergenceError):  # so the result keeps it) instead of failing the worker group, which
+            key, message = DIVERGED, str(err)  # Ray Train would retry
+        else:
+            device = get_device()
+            key, message = OUT_OF_MEMORY, out_of_memory_message(
+                torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory,
+                float(config.get("gpus_per_worker", 1.0)), job.batch_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, CHECKPOINT_FILE).write_text(message)
+            failed = {**constant_metrics, "val_acc": float("nan"), key: message}  # Tune wants every objective
             ray.train.report(failed, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         return
     state = {"phase": 3, "loop": None, "metrics": final, "trainable": model.trainable_state(), "initial": None}
