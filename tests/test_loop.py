@@ -112,6 +112,16 @@ def test_train_learns_and_reports_every_epoch(make_model, two_class_splits):
     assert all(torch.equal(backbone_before[k], v) for k, v in model.backbone.state_dict().items())
 
 
+def test_a_run_that_evaluates_once_evaluates_after_its_last_epoch_only(make_model, two_class_splits):
+    train_split, val_split = two_class_splits(64, 1), two_class_splits(32, 2)
+    calls = []
+    result = train(make_model(), train_split, val_split, _cfg(evaluate_every_epoch=False), CPU,
+                   on_epoch=lambda e, m: calls.append(dict(m)))
+    assert ["val_acc" in m for m in calls] == [False, False, True]
+    every = train(make_model(), train_split, val_split, _cfg(), CPU)
+    assert result == {**every, "epoch_seconds": result["epoch_seconds"]}  # the same training, the same accuracy
+
+
 def test_train_is_deterministic_given_the_seed(make_model, two_class_splits):
     train_split, val_split = two_class_splits(48, 3), two_class_splits(16, 4)
     runs = []

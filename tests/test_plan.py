@@ -14,7 +14,7 @@ from vpt_tune.data.benchmarks import BENCHMARKS
 from vpt_tune.data.demo import DEMO_SIZES
 from vpt_tune.data.tasks import task_size
 from vpt_tune.search import plan
-from vpt_tune.search.driver import make_job
+from vpt_tune.search.driver import FINAL, make_job
 from vpt_tune.spec import load_spec, validate
 
 SPEED = plan.Speed(2e12, 5e12, "test")  # a given speed: no calibration in these tests
@@ -97,11 +97,13 @@ def test_final_retrains_are_the_expected_front_times_seeds_on_the_final_splits()
     spec = _spec(final={"seeds": [1, 2, 3]})
     task = _plan(spec).tasks[1]  # kitti: 1000 final training images, 711 test images
     assert task.task == "kitti" and math.isclose(task.final_retrains, 3 * plan.expected_front(4))
+    final_job = make_job(spec, "", {FINAL: {"num_prompts": 50, "placement": "deep", "base_lr": 0.1, "seed": 1}})
+    assert not final_job.evaluate_every_epoch and final_job.eval_split == "test"
     one = task.final * (1 / task.final_retrains)
     shape = ViTShape.for_model("vit_base_patch16_224", 224)
     forward = prompted_cost(shape, [50] * 12, 4).gflops * 1e9
     assert math.isclose(one.train_macs, (2 * forward - plan.prefix_macs(shape, 0)) * 1000 * 9, rel_tol=1e-9)
-    assert math.isclose(one.eval_macs, forward * 711 * 9, rel_tol=1e-9)
+    assert math.isclose(one.eval_macs, forward * 711, rel_tol=1e-9)  # tested once, after training
 
 
 def test_time_is_the_work_over_the_speed_plus_start_up_spread_over_the_trials_at_once():

@@ -227,7 +227,7 @@ def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
     raw = small_spec(tmp_path, final={"seeds": [1, 2]})
     raw["search"]["trials_per_task"] = 1  # on each front; what matters here is what follows the search
     raw["data"] = {"root": str(tmp_path / "vtab"), "tasks": ["svhn", "eurosat"]}
-    raw["train"]["epochs"] = 1
+    raw["train"]["epochs"] = 2
     raw["space"]["placement"] = "shallow"
     result = run_search(validate(raw), name="final")
     table, experiment = result.table, result.experiment_dir
@@ -259,6 +259,9 @@ def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
     assert sorted((r.data.tags["source_trial"], int(r.data.tags["seed"])) for r in final_runs) == sorted(
         zip(finals["source_trial"], finals["seed"]))
     assert all("test_acc" in r.data.metrics and "val_acc" not in r.data.metrics for r in final_runs)
+    for run in final_runs:  # two epochs trained, tested once after them (the papers' protocol)
+        history = {k: client.get_metric_history(run.info.run_id, k) for k in ("train_loss", "test_acc")}
+        assert [m.step for m in history["train_loss"]] == [1, 2] and [m.step for m in history["test_acc"]] == [2]
     task_runs = {r.data.tags["task"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id}
     for task, run in task_runs.items():
         names = {a.path for a in client.list_artifacts(run.info.run_id)}

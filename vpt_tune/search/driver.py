@@ -41,8 +41,8 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
     """The training job of a trial config (sampled + fixed values) on one task.
 
     A final retrain's config is ``{FINAL: {**the Pareto trial's config, "seed": s, "source_trial": id}}``:
-    it trains on the benchmark's final split with seed ``s`` and evaluates on test (reported as val_acc,
-    the accuracy on the job's evaluation split).
+    it trains on the benchmark's final split with seed ``s`` and evaluates on test once, after training
+    (reported as val_acc, the accuracy on the job's evaluation split).
     """
     final = config.get(FINAL)
     config = final or config
@@ -70,6 +70,7 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
         kv_shared=spec.e2vpt.kv_shared,
         kv_position=spec.e2vpt.kv_position,
         prune_scoring=spec.e2vpt.prune_scoring,
+        evaluate_every_epoch=not final,  # the papers' protocol tests once, after training
     )
 
 

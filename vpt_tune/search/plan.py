@@ -174,13 +174,13 @@ def prefix_macs(shape: ViTShape, first_prompted: int) -> int:
     return embedding + first_prompted * block_macs(tokens, shape)
 
 
-def epoch_work(forward: float, prefix: float, images: tuple[int, int], cached: bool) -> Work:
-    """One epoch on ``images`` (train, eval) at ``forward`` multiply-adds per image, ``prefix`` of them
-    before any prompt (skipped when ``cached``)."""
+def epoch_work(forward: float, prefix: float, images: tuple[int, int], cached: bool, evaluated: bool = True) -> Work:
+    """One epoch on ``images`` (train, eval; no evaluation unless ``evaluated``) at ``forward``
+    multiply-adds per image, ``prefix`` of them before any prompt (skipped when ``cached``)."""
     train_images, eval_images = images
-    if cached:
-        return Work(1, train_images * 2 * (forward - prefix), eval_images * (forward - prefix))
-    return Work(1, train_images * (2 * forward - prefix), eval_images * forward)
+    skipped = prefix if cached else 0
+    evaluation = eval_images * (forward - skipped) if evaluated else 0
+    return Work(1, train_images * (2 * forward - prefix - skipped), evaluation)
 
 
 def trial_work(job: Job, shape: ViTShape, classes: int, images: tuple[int, int], rungs: Sequence[int] = (),
@@ -193,9 +193,14 @@ def trial_work(job: Job, shape: ViTShape, classes: int, images: tuple[int, int],
     base = prompted_cost(shape, counts, classes, kv, job.kv_shared).gflops * 1e9
     final = expected_cost(job, shape, classes).gflops * 1e9
     once = Work(0, 0, sum(images) * prefix) if cached else Work()
-    after = epoch_work(final, prefix, images, cached) * (job.total_epochs - job.epochs)  # prune, condense
+    every = job.evaluate_every_epoch  # else the evaluation split once after each phase (a final retrain's test)
+    after = epoch_work(final, prefix, images, cached, every) * (job.total_epochs - job.epochs)  # prune, condense
+    if not every:
+        phases = (job.retrain_epochs > 0) + (job.total_epochs > job.base_epochs)
+        once = once + Work(0, 0, epoch_work(base, prefix, images, cached).eval_macs
+                           + phases * epoch_work(final, prefix, images, cached).eval_macs)
     base_epochs, finishing = reach(rungs, job.epochs, reduction_factor)
-    per_epoch = epoch_work(base, prefix, images, cached)
+    per_epoch = epoch_work(base, prefix, images, cached, every)
     expected = once + per_epoch * base_epochs + after * finishing
     most = once + per_epoch * job.epochs + after
     return expected, most

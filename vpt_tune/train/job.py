@@ -49,6 +49,7 @@ class Job:
     condense_per_block: bool = False  # keep the top fraction of each block instead of globally
     prune_epochs: int | None = None  # E²VPT retraining after pruning; None: ``epochs``
     prune_scoring: str = "authors"  # E²VPT pruning: the authors' gates, scores and rewind, or ours (vpt_tune.prune)
+    evaluate_every_epoch: bool = True  # False: the evaluation split once, after each phase (a final retrain's test)
 
     def __post_init__(self) -> None:
         if self.prune_scoring not in PRUNE_SCORINGS:
@@ -88,7 +89,7 @@ class Job:
         so jobs that differ only in those can start from one trained (and pruned) model."""
         fields = asdict(self)
         fields["params"] = {k: v for k, v in self.params.items() if k != "condensation_ratio"}
-        for name in ("condense_epochs", "condense_per_block"):
+        for name in ("condense_epochs", "condense_per_block", "evaluate_every_epoch"):  # (evaluation draws no RNG)
             fields.pop(name)
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -110,6 +111,7 @@ class Job:
             warmup_epochs=self.warmup_epochs,
             optimizer=self.optimizer,
             seed=self.seed,
+            evaluate_every_epoch=self.evaluate_every_epoch,
         )
 
 

@@ -37,6 +37,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     seed: int = 0
+    evaluate_every_epoch: bool = True  # False: only after the last epoch (a final retrain tests once)
 
 
 @dataclass
@@ -116,9 +117,11 @@ def train(
     shard: tuple[int, int] = (0, 1),
     state: LoopState | None = None,
 ) -> dict[str, float]:
-    """Train the trainable parameters of ``model``; evaluate on ``val_split`` after every epoch.
+    """Train the trainable parameters of ``model``; evaluate on ``val_split`` after every epoch (after the
+    last only, without ``cfg.evaluate_every_epoch``).
 
-    ``on_epoch(epoch, metrics)`` receives ``train_loss``, ``val_acc``, ``lr`` and ``epoch_seconds``.
+    ``on_epoch(epoch, metrics)`` receives ``train_loss``, ``val_acc`` (when evaluated), ``lr`` and
+    ``epoch_seconds``.
     ``shard=(rank, world_size)`` trains this process on every world_size-th training example
     (data-parallel workers). ``state`` (a :class:`LoopState`) is continued from when it has finished
     epochs and brought up to date after each epoch. Returns the last epoch's metrics (of this call;
@@ -159,12 +162,10 @@ def train(
             schedule.step()
             total_loss += loss.item() * len(labels)
             seen += len(labels)
-        metrics = {
-            "train_loss": total_loss / seen,
-            "val_acc": evaluate(model, val_split, cfg.batch_size, device),
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": time.perf_counter() - started,
-        }
+        metrics = {"train_loss": total_loss / seen}
+        if cfg.evaluate_every_epoch or epoch + 1 == cfg.epochs:
+            metrics["val_acc"] = evaluate(model, val_split, cfg.batch_size, device)
+        metrics.update(lr=optimizer.param_groups[0]["lr"], epoch_seconds=time.perf_counter() - started)
         state.epoch, state.optimizer, state.schedule = epoch + 1, optimizer.state_dict(), schedule.state_dict()
         state.shuffle, state.torch_rng = shuffle.get_state(), torch.get_rng_state()
         on_epoch(epoch, metrics)
