@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from vpt_tune.data.vtab import ImageSplit
+from vpt_tune.data.splits import ImageSplit
 from vpt_tune.models.backbone import create_backbone
 from vpt_tune.models.placement import prompt_counts
 from vpt_tune.models.prompted_vit import PromptedViT

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 
-from vpt_tune.data.vtab import ImageSplit
+from vpt_tune.data.splits import ImageSplit
 from vpt_tune.models.backbone import freeze
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from vpt_tune.search.runner import run_search
-from vpt_tune.data.vtab import DataError
+from vpt_tune.data.splits import DataError
 from vpt_tune.spec import SpecError, validate
 
 from test_data import _write_task

@@ -17,7 +17,8 @@ from PIL import Image, ImageFile
 
 from vpt_tune.data import demo, vtab
 from vpt_tune.data.tasks import task_classes
-from vpt_tune.data.vtab import DataError, ImageSplit, load_split, num_classes, read_list
+from vpt_tune.data.splits import DataError, ImageSplit
+from vpt_tune.data.vtab import load_split, num_classes, read_list
 
 from conftest import require
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vpt_tune.data import cache, vtab
-from vpt_tune.data.vtab import DataError, decode_split, load_split
+from vpt_tune.data.splits import DataError
+from vpt_tune.data.vtab import decode_split, load_split
 
 from test_data import _write_task
 

@@ -15,7 +15,7 @@ from PIL import Image
 from vpt_tune.data import cache, fgvc
 from vpt_tune.data.fgvc import AugmentedSplit, decode_split, load_split, num_classes, read_json, resize_size
 from vpt_tune.data.tasks import task_classes
-from vpt_tune.data.vtab import DataError, ImageSplit
+from vpt_tune.data.splits import DataError, ImageSplit
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
 S = 14  # crop size; resize_size(14) == 16

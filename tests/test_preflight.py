@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vpt_tune.models.backbone import BackboneError, check_weights, create_backbone
+from vpt_tune.models.backbone import ModelError, check_weights, create_backbone
 from vpt_tune.search import runner
 from vpt_tune.search.runner import check_resources, check_tracking, experiment_dir_of
 from vpt_tune.spec import SpecError, validate
@@ -40,7 +40,7 @@ def test_weights_of_the_model_pass_and_load(tmp_path):
 def test_weights_that_do_not_fit_are_refused(tmp_path, content, expect):
     path = tmp_path / "vit.pth"
     torch.save(content, path)
-    with pytest.raises(BackboneError, match="vit.pth: ") as err:
+    with pytest.raises(ModelError, match="vit.pth: ") as err:
         check_weights(MODEL, path)
     assert expect in str(err.value) and "\n" not in str(err.value)
 
@@ -49,14 +49,14 @@ def test_trials_load_through_the_same_check(tmp_path):
     """A trial building the backbone gets the one-line error too, not a load_state_dict traceback."""
     path = tmp_path / "vit.safetensors"
     save_file(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), path)
-    with pytest.raises(BackboneError, match=f"does not fit {MODEL} \\(mis-shaped cls_token"):
+    with pytest.raises(ModelError, match=f"does not fit {MODEL} \\(mis-shaped cls_token"):
         create_backbone(MODEL, path, 32)
 
 
 def test_a_python_object_in_a_torch_file_names_the_global(tmp_path):
     path = tmp_path / "vit.pth"
     torch.save({"args": Path("x")}, path)
-    with pytest.raises(BackboneError, match=r"not a readable torch \(weights_only=True\) file \(UnpicklingError: "
+    with pytest.raises(ModelError, match=r"not a readable torch \(weights_only=True\) file \(UnpicklingError: "
                                             r"Unsupported global: GLOBAL pathlib.PosixPath"):
         check_weights(MODEL, path)
 

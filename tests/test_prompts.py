@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from vpt_tune.models.backbone import BackboneError, create_backbone
+from vpt_tune.models.backbone import ModelError, create_backbone
 from vpt_tune.models.placement import prompt_counts, tokens_per_block
 from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.models.prompts import uniform_init_bound
@@ -346,13 +346,13 @@ def test_any_image_size_via_create_backbone(record_blocks, size):
 
 
 def test_create_backbone_rejects_unknown_model_and_missing_weights():
-    with pytest.raises(BackboneError, match="vit_nope"):
+    with pytest.raises(ModelError, match="vit_nope"):
         create_backbone("vit_nope", "random", 32)
-    with pytest.raises(BackboneError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         create_backbone("vit_tiny_patch16_224", "/nonexistent/weights.safetensors", 32)
 
 
 def test_create_backbone_rejects_non_vit_model():
     """A timm model that is not a VisionTransformer is a user error (spec typo), not a crash."""
-    with pytest.raises(BackboneError, match="resnet18"):
+    with pytest.raises(ModelError, match="resnet18"):
         create_backbone("resnet18", "random", 32)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from vpt_tune.data.demo import materialise
-from vpt_tune.train.job import Job, run
+from vpt_tune.train.job import DONE, Job, run
 from vpt_tune.train.loop import LoopState, TrainConfig, train
 
 CPU = torch.device("cpu")
@@ -76,6 +76,17 @@ def test_a_job_resumed_from_every_epoch_ends_exactly_like_an_uninterrupted_one(d
         timing = {"epoch_seconds"}
         assert {k: v for k, v in resumed_metrics.items() if k not in timing} == {
             k: v for k, v in metrics.items() if k not in timing}, epoch
+    # checkpoints name their stage; a finished one (as the worker saves it, or as versions before named
+    # stages did: "phase": 3) resumes as finished: nothing trains again, the same model and metrics
+    assert [c["stage"] for c in checkpoints.values()] == ["train", "train", "condense" if "condensation_ratio"
+                                                           in params else "prune"]
+    done = {"loop": None, "metrics": metrics, "trainable": model.trainable_state(), "initial": None}
+    for finished in ({**done, "stage": DONE}, {**done, "phase": 3}):
+        trained = []
+        resumed, resumed_metrics = run(job, CPU, on_epoch=lambda *a: trained.append(a), resume=finished)
+        assert not trained and resumed_metrics == metrics and resumed.prompts.counts == model.prompts.counts
+    with pytest.raises(ValueError, match="unknown training stage 'distil'"):
+        run(job, CPU, resume={**done, "stage": "distil"})
 
 
 def test_jobs_differing_only_in_condensation_share_their_trained_model(digits):

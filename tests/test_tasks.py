@@ -8,7 +8,7 @@ import torch
 from vpt_tune.data.fgvc import AugmentedSplit
 from vpt_tune.data.benchmarks import BENCHMARKS, FGVC, VTAB_1K, _normalise, expand_tasks, find_task_dir
 from vpt_tune.data.tasks import decode_task_split, task_classes, task_split
-from vpt_tune.data.vtab import ImageSplit
+from vpt_tune.data.splits import ImageSplit
 
 from test_data import _write_task as _write_vtab_task
 from test_fgvc import _write_task as _write_fgvc_task

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from vpt_tune.data.vtab import Batched
+from vpt_tune.data.splits import Batched
 from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.models.prompts import VisualPrompts
 

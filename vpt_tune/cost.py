@@ -11,16 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import timm
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vpt_tune.errors import UserError
+from vpt_tune.models.backbone import architecture
 from vpt_tune.models.placement import tokens_per_block
-
-
-class ModelError(UserError, RuntimeError):
-    """A model name that is not a timm ViT with a class token (a RuntimeError, like timm's unknown-name error)."""
 
 
 @dataclass(frozen=True)
@@ -51,19 +45,8 @@ class ViTShape:
 
     @classmethod
     def for_model(cls, model: str, img_size: int) -> "ViTShape":
-        """The shape of timm ``model`` at ``img_size``, built on the meta device (no weights, instant)."""
-        if not timm.is_model(model):
-            raise ModelError(f"unknown timm model {model!r}; use a timm ViT name such as vit_base_patch16_224 "
-                             "(python -c \"import timm; print(timm.list_models('vit_*'))\" lists them)")
-        with torch.device("meta"):
-            try:
-                vit = timm.create_model(model, pretrained=False, num_classes=0, img_size=img_size)
-            except TypeError:  # an architecture without img_size: not a ViT
-                vit = None
-        if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
-            raise ModelError(f"{model!r} is not a timm VisionTransformer with a class token; "
-                             "use one such as vit_base_patch16_224 or vit_small_patch14_dinov2")
-        return cls.of(vit)
+        """The shape of timm ``model`` at ``img_size`` (a :class:`ModelError` unless a timm ViT)."""
+        return cls.of(architecture(model, img_size))
 
 
 @dataclass(frozen=True)

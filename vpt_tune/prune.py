@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from vpt_tune.condense import condense_, removed_count
-from vpt_tune.data.vtab import Batched
+from vpt_tune.data.splits import Batched
 from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.models.prompts import SEGMENTS, segment_of
 

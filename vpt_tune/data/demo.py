@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vpt_tune.data.vtab import DataError
+from vpt_tune.data.splits import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TRAIN, VAL = 800, 200

@@ -34,11 +34,9 @@ import torch
 from PIL import Image
 
 from vpt_tune.data.cache import decoded_key, load_decoded, save_decoded
+from vpt_tune.data.splits import Batched, DataError, ImageSplit
 from vpt_tune.data.vtab import (
-    Batched,
-    DataError,
     Entry,
-    ImageSplit,
     check_range,
     check_trained,
     checked_entries,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from vpt_tune.data import fgvc, vtab
 from vpt_tune.data.benchmarks import get_benchmark
-from vpt_tune.data.vtab import Batched
+from vpt_tune.data.splits import Batched, DataError, ImageSplit
 
 
 def task_classes(benchmark: str, task_dir: Path) -> int:
@@ -44,7 +44,7 @@ def task_size(benchmark: str, task: str, task_dir: Path | None) -> TaskSize:
         return TaskSize(task_classes(benchmark, task_dir), {split: len(read(task_dir, split)) for split in splits})
     canonical = bench.canonical(task)
     if canonical is None:
-        raise vtab.DataError(f"task {task!r}: no folder to count its images in and not a known {benchmark} task; "
+        raise DataError(f"task {task!r}: no folder to count its images in and not a known {benchmark} task; "
                              "point data.root at its folder")
     return TaskSize(bench.tasks[canonical], dict(bench.sizes[canonical]))
 
@@ -95,6 +95,6 @@ class Preprocess:
                                       self.img_size)
         else:
             pixels = np.stack([vtab.resize_image(i, self.img_size) for i in images])
-        split = vtab.ImageSplit(torch.from_numpy(pixels), torch.zeros(len(images), dtype=torch.int64),
+        split = ImageSplit(torch.from_numpy(pixels), torch.zeros(len(images), dtype=torch.int64),
                                 torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1))
         return split.inputs(torch.arange(len(images)))  # the evaluation's own arithmetic

@@ -23,7 +23,6 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,15 +31,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vpt_tune.data.cache import decoded_key, load_decoded, save_decoded
-from vpt_tune.errors import UserError
+from vpt_tune.data.splits import DataError, ImageSplit
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 
 log = logging.getLogger(__name__)
-
-
-class DataError(UserError, ValueError):
-    """A dataset that is missing or malformed; the message names the file and the problem."""
 
 
 class Entry(NamedTuple):
@@ -218,46 +213,6 @@ def decode_image(path: Path, img_size: int) -> np.ndarray:
 def resize_image(img: Image.Image, img_size: int) -> np.ndarray:
     """An image as RGB, resized straight to (img_size, img_size) (bilinear): uint8 array (3, S, S)."""
     return np.asarray(img.convert("RGB").resize((img_size, img_size), Image.BILINEAR)).transpose(2, 0, 1)
-
-
-class Batched:
-    """Batches of ``(inputs, labels)`` over a split that has ``labels`` and ``inputs(indices)``."""
-
-    labels: torch.Tensor
-    augmented: bool = False  # batches differ between epochs: inputs cannot be cached
-
-    def inputs(self, indices: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(
-        self, batch_size: int, generator: torch.Generator | None = None, indices: torch.Tensor | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches in order, or shuffled when a ``generator`` is given; restricted to ``indices``."""
-        order = torch.arange(len(self)) if indices is None else indices
-        if generator is not None:
-            order = order[torch.randperm(len(order), generator=generator)]
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            yield self.inputs(idx), self.labels[idx]
-
-
-@dataclass
-class ImageSplit(Batched):
-    """One decoded split: uint8 images (N, 3, S, S), int64 labels (N,), normalisation constants, and
-    ``key``, the images' cache key (:func:`decoded_key`) when known: caches derived from the images use it."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    key: str | None = None
-
-    def inputs(self, indices: torch.Tensor) -> torch.Tensor:
-        """Normalised float images (B, 3, S, S)."""
-        return (self.images[indices].float() / 255.0 - self.mean) / self.std
 
 
 def decode_split(task_dir: Path, split: str, img_size: int, classes: int) -> tuple[np.ndarray, np.ndarray]:

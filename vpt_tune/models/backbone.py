@@ -18,13 +18,13 @@ from timm.models.vision_transformer import VisionTransformer
 from vpt_tune.errors import UserError
 
 
-class BackboneError(UserError, ValueError):
-    """A backbone that cannot be created or loaded as asked."""
+class ModelError(UserError, ValueError):
+    """A model name that is not a timm ViT with a class token, or weights that cannot be loaded into it."""
 
 
 def create_backbone(model: str, weights: str | Path | None, img_size: int) -> VisionTransformer:
     """Create the timm ViT ``model`` at ``img_size`` with the given weights, frozen and in eval mode."""
-    probe = _architecture(model)
+    probe = architecture(model)
     if weights is None:
         vit = timm.create_model(model, pretrained=True, num_classes=0, img_size=img_size)
     else:
@@ -52,24 +52,31 @@ def normalisation(vit: VisionTransformer) -> tuple[tuple[float, ...], tuple[floa
 def check_weights(model: str, weights: str | Path) -> None:
     """Read the weights file once, as :func:`create_backbone` does, and check it is a state dict that
     fits ``model`` (keys and shapes; the model is built on the meta device only)."""
-    _read_state_dict(Path(weights), _architecture(model), model)
+    _read_state_dict(Path(weights), architecture(model), model)
 
 
-def _architecture(model: str) -> VisionTransformer:
-    """``model`` built on the meta device (no weights, no download), refused unless a ViT with a class token."""
+def architecture(model: str, img_size: int | None = None) -> VisionTransformer:
+    """``model`` (at ``img_size``, default its own) built on the meta device: no weights, no download,
+    instant; refused unless a timm ViT with a class token."""
     if not timm.is_model(model):
-        raise BackboneError(f"unknown timm model {model!r}: see timm.list_models('vit_*') for names")
+        raise ModelError(f"unknown timm model {model!r}; use a timm ViT name such as vit_base_patch16_224 "
+                         "(python -c \"import timm; print(timm.list_models('vit_*'))\" lists them)")
+    size = {} if img_size is None else {"img_size": img_size}
     with torch.device("meta"):
-        probe = timm.create_model(model, pretrained=False, num_classes=0)
+        try:
+            probe = timm.create_model(model, pretrained=False, num_classes=0, **size)
+        except TypeError:  # an architecture without img_size: not a ViT
+            probe = None
     if not isinstance(probe, VisionTransformer) or probe.cls_token is None:
-        raise BackboneError(f"{model!r} is not a timm VisionTransformer with a class token")
+        raise ModelError(f"{model!r} is not a timm VisionTransformer with a class token; "
+                         "use one such as vit_base_patch16_224 or vit_small_patch14_dinov2")
     return probe
 
 
 def _read_state_dict(path: Path, probe: VisionTransformer, model: str) -> dict[str, torch.Tensor]:
     """The state dict in ``path``, checked against the keys and shapes of ``probe`` (``model``'s architecture)."""
     if not path.is_file():
-        raise BackboneError(f"backbone weights file {str(path)!r} does not exist")
+        raise ModelError(f"backbone weights file {str(path)!r} does not exist")
     fix = f"give a .safetensors file or a torch.save()d state dict of timm's {model} (num_classes=0)"
     try:
         if path.suffix == ".safetensors":
@@ -80,14 +87,14 @@ def _read_state_dict(path: Path, probe: VisionTransformer, model: str) -> dict[s
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any content can be in the file; each loader fails its own way
         kind = "safetensors" if path.suffix == ".safetensors" else "torch (weights_only=True)"
-        raise BackboneError(f"{path}: not a readable {kind} file ({_reason(err)}); {fix}") from None
+        raise ModelError(f"{path}: not a readable {kind} file ({_reason(err)}); {fix}") from None
     if isinstance(state, dict):
         state = state.get("model", state.get("state_dict", state))  # training checkpoints wrap it
     if not isinstance(state, dict):
-        raise BackboneError(f"{path}: holds a Python {type(state).__name__}, not a state dict (name -> tensor); {fix}")
+        raise ModelError(f"{path}: holds a Python {type(state).__name__}, not a state dict (name -> tensor); {fix}")
     not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise BackboneError(f"{path}: holds values that are not tensors ({_few(not_tensors)}), not a state dict; {fix}")
+        raise ModelError(f"{path}: holds values that are not tensors ({_few(not_tensors)}), not a state dict; {fix}")
     expected = probe.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -96,7 +103,7 @@ def _read_state_dict(path: Path, probe: VisionTransformer, model: str) -> dict[s
     problems = [f"{label} {_few(keys)}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
     if problems:
-        raise BackboneError(f"{path}: does not fit {model} ({'; '.join(problems)}); {fix}")
+        raise ModelError(f"{path}: does not fit {model} ({'; '.join(problems)}); {fix}")
     return state
 
 

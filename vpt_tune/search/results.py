@@ -22,10 +22,12 @@ TRAIN_RUNS = "train_runs"  # the experiment's folder of Ray Train runs (epoch ch
 MLFLOW_RUN_ID = "mlflow_run_id"  # a trial's MLflow run: a table column, and a key of its results
 PROMPTS_ARTIFACT = "prompts"  # MLflow artifact folder of a Pareto trial's trained prompts and head
 STOPPED_AT = "stopped_at_epoch"  # result key of a stopped trial's last result: the rung it stopped at
-METRIC_COLUMNS = (
-    "val_acc", "val_acc_uncondensed", "val_acc_unpruned", "prompt_tokens", "kv_tokens", "gflops", "trainable_params",
-    "train_loss", "epoch", "train_seconds", "startup_seconds", "setup_seconds", STOPPED_AT,
-)
+# The metric schema of a trial, in one place: the trial table's columns and what its MLflow run records.
+ACCURACY_METRICS = ("val_acc", "val_acc_uncondensed", "val_acc_unpruned")
+COST_METRICS = ("prompt_tokens", "kv_tokens", "gflops", "trainable_params")  # known before training
+TIMING_METRICS = ("train_seconds", "startup_seconds", "setup_seconds")
+EPOCH_METRICS = (*ACCURACY_METRICS, "train_loss", "lr", "epoch_seconds", *TIMING_METRICS)  # logged every epoch
+METRIC_COLUMNS = (*ACCURACY_METRICS, *COST_METRICS, "train_loss", "epoch", *TIMING_METRICS, STOPPED_AT)
 FINAL_COLUMNS = ("test_acc", "test_acc_std", "test_seeds")  # the final protocol's, on Pareto trials
 
 # Short names of the space's keys in one-line configs, in the order shown; other keys keep their name.

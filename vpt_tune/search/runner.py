@@ -43,7 +43,7 @@ from vpt_tune.data.demo import materialise
 from vpt_tune.data.benchmarks import expand_tasks, find_task_dir, get_benchmark
 from vpt_tune.data.tasks import decode_task_split, task_classes
 from vpt_tune.errors import SearchInterrupted
-from vpt_tune.models.backbone import BackboneError, check_weights
+from vpt_tune.models.backbone import ModelError, check_weights
 from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources, trial_task
 from vpt_tune.search.packing import probe_on_a_gpu, resolve_gpus
 from vpt_tune.search.pareto import pareto_mask
@@ -123,7 +123,7 @@ def check_model(spec: Spec) -> None:
     or a depth beyond the model's blocks."""
     try:
         shape = ViTShape.for_model(spec.backbone.model, spec.backbone.img_size)
-    except RuntimeError as err:  # timm raises RuntimeError for unknown names
+    except ModelError as err:
         raise SpecError(f"backbone.model: {err}") from None
     weights = spec.backbone.weights
     if weights not in ("demo", "hub", "random"):
@@ -131,7 +131,7 @@ def check_model(spec: Spec) -> None:
             raise SpecError(f"backbone.weights: file {weights} does not exist (or use demo, hub, random)")
         try:
             check_weights(spec.backbone.model, Path(weights).expanduser())
-        except BackboneError as err:
+        except ModelError as err:
             raise SpecError(f"backbone.weights: {err}") from None
     depth = spec.space.depth
     high = depth.int_range[1] if isinstance(depth, Param) and depth.int_range else depth

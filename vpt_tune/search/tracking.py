@@ -22,17 +22,10 @@ from vpt_tune.search.hypervolume import box_volume, hypervolume_history, referen
 from vpt_tune.search.pareto import front_page, front_png
 from vpt_tune.search.driver import FINAL, trial_task
 from vpt_tune.search.router import TASK
-from vpt_tune.search.results import MLFLOW_RUN_ID, STOPPED_AT, short_config
+from vpt_tune.search.results import COST_METRICS, EPOCH_METRICS, MLFLOW_RUN_ID, STOPPED_AT, short_config
 from vpt_tune.train.worker import NODE, REUSED_BASE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
-# What a trial run records from each Tune result (Tune adds its own bookkeeping keys, left out): per epoch,
-# and the costs, constant over a trial, once (again only if they change).
-TRIAL_METRICS = (
-    "train_loss", "val_acc", "val_acc_uncondensed", "val_acc_unpruned", "lr", "epoch_seconds", "train_seconds",
-    "startup_seconds", "setup_seconds",
-)
-COST_METRICS = ("prompt_tokens", "kv_tokens", "gflops", "trainable_params")
 # plotly.js, logged once on the search run for every front page. ".mjs", not ".js": MLflow's server sends
 # ".js" artifacts as text/plain with nosniff, which browsers refuse to run, and ".mjs" as text/javascript.
 PLOTLY_JS = "plotly.min.mjs"
@@ -220,7 +213,8 @@ class TrialLogger(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         result[MLFLOW_RUN_ID] = self._run_id(trial)  # the trial's last result names it (for its Optuna trial)
-        metrics = {k: result[k] for k in TRIAL_METRICS if k in result}
+        # per epoch; the costs, constant over a trial, once (again only if they change); not Tune's own keys
+        metrics = {k: result[k] for k in EPOCH_METRICS if k in result}
         metrics["wall_seconds"] = result.get("time_total_s")
         if self.final and "val_acc" in metrics:  # a final retrain evaluates on test
             metrics["test_acc"] = metrics.pop("val_acc")

@@ -15,7 +15,7 @@ import torch
 from vpt_tune.condense import condense_, prompt_importance, removed_count, select_prompts
 from vpt_tune.cost import Cost, ViTShape, prompted_cost
 from vpt_tune.data.tasks import task_classes, task_split
-from vpt_tune.data.vtab import Batched
+from vpt_tune.data.splits import Batched
 from vpt_tune.models.backbone import create_backbone, normalisation
 from vpt_tune.models.placement import prompt_counts
 from vpt_tune.models.prompted_vit import PromptedViT
@@ -203,7 +203,8 @@ def rewind_(model: PromptedViT, job: Job, initial: dict | None, train_split: Bat
     spt_init_(model, job, train_split, seed)
 
 
-PHASES = ("train", "prune", "condense")
+PHASES = ("train", "prune", "condense")  # in order; a checkpoint names the one it was taken in, or DONE
+DONE = "done"
 CHECKPOINT_FILE = "trainable.pt"  # in a trial checkpoint: run()'s resume state + the job, never the backbone
 
 
@@ -243,14 +244,14 @@ def run(
         phase, loop, metrics = 0, LoopState(), {}
         initial = model.trainable_state() if active[1] and job.prune_scoring == "ours" else None  # ours' rewind point
     else:
-        phase, loop, metrics = resume["phase"], LoopState(**(resume["loop"] or {})), resume["metrics"]
+        phase, loop, metrics = resumed_phase(resume), LoopState(**(resume["loop"] or {})), resume["metrics"]
         initial = resume["initial"]
 
     def checkpoint() -> dict:
-        return {"phase": phase, "loop": copy.deepcopy(loop.as_dict()), "metrics": dict(metrics),
+        return {"stage": (*PHASES, DONE)[phase], "loop": copy.deepcopy(loop.as_dict()), "metrics": dict(metrics),
                 "trainable": model.trainable_state(), "initial": initial if phase == 0 else None}
 
-    while phase < len(PHASES):  # a resumed finished run (phase == len(PHASES)) only rebuilds the model
+    while phase < len(PHASES):  # a resumed finished run (stage DONE) only rebuilds the model
         if active[phase] and lengths[phase] > 0:
             offset = sum(lengths[:phase])
 
@@ -278,6 +279,18 @@ def run(
         if lengths[phase] == 0:
             metrics["val_acc"] = evaluate(net, eval_split, job.batch_size, device)
     return model, {**metrics, **model_cost(model, job).as_dict()}
+
+
+def resumed_phase(resume: dict) -> int:
+    """The index in :data:`PHASES` (``len(PHASES)``: done) of the stage a checkpoint names; checkpoints of
+    earlier versions give the index as ``phase``."""
+    if "stage" not in resume:
+        return int(resume["phase"])
+    stages = (*PHASES, DONE)
+    if resume["stage"] not in stages:
+        raise ValueError(f"a checkpoint of an unknown training stage {resume['stage']!r} (known: {', '.join(stages)}); "
+                         "it was written by another version of vpt-tune")
+    return stages.index(resume["stage"])
 
 
 def model_cost(model: PromptedViT, job: Job) -> Cost:

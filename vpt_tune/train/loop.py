@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vpt_tune.data.vtab import ImageSplit
+from vpt_tune.data.splits import ImageSplit
 
 
 class DivergenceError(RuntimeError):

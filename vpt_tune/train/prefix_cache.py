@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vpt_tune.data.cache import Store
-from vpt_tune.data.vtab import Batched, ImageSplit
+from vpt_tune.data.splits import Batched, ImageSplit
 from vpt_tune.models.prompted_vit import PromptedViT
 
 MAX_CACHE_BYTES = 4 * 1024**3  # per trial, train + eval; larger splits run uncached

@@ -25,7 +25,7 @@ import ray.train
 import torch
 from ray.train.torch import get_device, prepare_model
 
-from vpt_tune.train.job import CHECKPOINT_FILE, Job, run
+from vpt_tune.train.job import CHECKPOINT_FILE, DONE, Job, run
 from vpt_tune.train.loop import DivergenceError
 from vpt_tune.train.probe import out_of_memory_message
 from vpt_tune.train.rung_decision import RUNG_DECISION, await_decision, decision_file
@@ -142,5 +142,5 @@ def train_worker(config: dict[str, Any]) -> None:
             failed = {**constant_metrics, "val_acc": float("nan"), key: message}  # Tune wants every objective
             ray.train.report(failed, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         return
-    state = {"phase": 3, "loop": None, "metrics": final, "trainable": model.trainable_state(), "initial": None}
+    state = {"stage": DONE, "loop": None, "metrics": final, "trainable": model.trainable_state(), "initial": None}
     report(last["epoch"], {**last["metrics"], **final, COMPLETE: True}, state)
