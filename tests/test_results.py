@@ -187,3 +187,16 @@ def test_export_falls_back_to_the_mlflow_copy(tmp_path):
     with pytest.raises(UserError, match="is stopped, not finished"):
         export_trial(experiment, _table().iloc[2].to_dict(), tmp_path / "d.pt")
     assert not (tmp_path / "c.pt").exists() and not (tmp_path / "d.pt").exists()
+
+
+def test_plotly_js_goes_to_a_search_run_once(tmp_path):
+    from vpt_tune.search.tracking import PLOTLY_JS, Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "plotly-once")
+    run = tracker.start_run("search")
+    uploads = []
+    log_artifact = tracker.client.log_artifact
+    tracker.client.log_artifact = lambda *args, **kwargs: (uploads.append(args), log_artifact(*args, **kwargs))
+    tracker.log_plotly(run)
+    tracker.log_plotly(run)  # a resumed search: its run has it already
+    assert len(uploads) == 1 and [a.path for a in tracker.client.list_artifacts(run)] == [PLOTLY_JS]

@@ -489,7 +489,7 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
         state = {**state, "parent_run_id": parent, "task_runs": {}}
         _save_state(experiment_dir, state)
     tracker.set_tags(parent, {"trials_per_task": spec.search.trials_per_task})
-    tracker.log_plotly(parent)  # once per search (again on resume: a search begun before fronts loaded it)
+    tracker.log_plotly(parent)  # once per search (on resume too: a search begun before fronts lacks it)
     for task in tasks:
         if task not in state["task_runs"]:
             state["task_runs"][task] = tracker.start_run(task, parent, {"task": task})

@@ -118,9 +118,12 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def log_plotly(self, run_id: str) -> None:
-        """plotly.js as the artifact ``PLOTLY_JS`` of the search run, where every front page loads it from."""
+        """plotly.js as the artifact ``PLOTLY_JS`` of the search run, where every front page loads it from
+        (once: a resumed search whose run has it already sends nothing)."""
         from plotly.offline import get_plotlyjs
 
+        if any(a.path == PLOTLY_JS for a in self.client.list_artifacts(run_id)):
+            return
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / PLOTLY_JS).write_text(get_plotlyjs(), encoding="utf-8")
             self.client.log_artifact(run_id, str(Path(tmp) / PLOTLY_JS))
