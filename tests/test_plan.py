@@ -123,6 +123,7 @@ def test_trials_at_once_follow_the_resources():
     assert plan.trials_at_once(_spec(resources={"cpus_per_worker": 2}), {"CPU": 7}) == 3
     assert plan.trials_at_once(_spec(search={"max_concurrent_trials": 5}), {"CPU": 1}) == 5
     assert plan.trials_at_once(gpu, {"CPU": 8}) == 0
+    assert plan.trials_at_once(_spec(resources={"gpus_per_worker": "auto"}), {"CPU": 16, "GPU": 2}) == 2
 
 
 def test_a_stated_gpu_speed_comes_from_its_peak_and_an_unknown_gpu_is_refused():
@@ -170,6 +171,12 @@ def test_plan_of_vtab_pc_before_its_data_exists(monkeypatch):
     assert data["device"] == "GPU" and 0 < data["gpu_hours"] < data["gpu_hours_most"]
     table = _cli("plan", "search_spaces/vtab_pc.yaml")
     assert table.returncode == 0 and "published split sizes" in table.stdout and "GPU-hours" in table.stdout
+
+
+def test_plan_of_auto_gpus_here_without_gpus_is_a_cpu_plan():
+    result = _cli("plan", "demo", "--set", "resources.gpus_per_worker=auto")
+    assert result.returncode == 0, result.stderr
+    assert "auto: no GPUs here, the trials train on CPU" in result.stdout and "CPU-hours" in result.stdout
 
 
 def test_plan_bad_input_is_one_line_and_exit_2():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import optuna
@@ -72,6 +73,8 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
     spec = validate(raw)
     result = run_search(spec, name="exp")
     table = result.table
+    printed = capsys.readouterr().out  # the plan atop the search: its work and time before any trial
+    assert re.search(r"digits +2 +3\.0 +800/200", printed) and "CPU-hours" in printed, printed[:2000]
 
     # Both trials finished with the three objectives, and the front is the non-dominated set.
     assert list(table["status"]) == ["finished", "finished"]

@@ -83,10 +83,14 @@ def _plan(args: argparse.Namespace) -> None:
             from vpt_tune.cluster import size_for_cluster
 
             spec = size_for_cluster(spec, args.cluster)
+        from vpt_tune.search.packing import resolve_gpus
         from vpt_tune.search.plan import make_plan, plan_lines, planned_tasks, trials_at_once
         from vpt_tune.search.runner import local_resources
 
-        plan = make_plan(spec, planned_tasks(spec), trials_at_once(spec, local_resources(spec)), args.gpu)
+        here = local_resources(spec)
+        if not args.cluster and not here["GPU"]:  # as a search here would: auto trains on CPU
+            spec = resolve_gpus(spec, 0, probe=None)
+        plan = make_plan(spec, planned_tasks(spec), trials_at_once(spec, here), args.gpu)
     if args.format == "json":
         print(json.dumps(plan.as_dict(), indent=2))
     else:

@@ -70,7 +70,9 @@ def probe_on_a_gpu(spec: Spec) -> MemoryProbe:
                         "nodes") from None
 
 
-def resolve_gpus(spec: Spec, gpus: float, probe: Callable[[Spec], MemoryProbe], cluster: bool = False) -> Spec:
+def resolve_gpus(
+    spec: Spec, gpus: float, probe: Callable[[Spec], MemoryProbe] | None, cluster: bool = False
+) -> Spec:
     """``spec`` with ``gpus_per_worker: auto`` decided for a machine or cluster of ``gpus`` GPUs now: the
     share :func:`trials_per_gpu` gives from ``probe(spec)``, or 0 (CPU) on a machine without GPUs (a
     ``cluster`` may start GPU nodes for the probe); other specs unchanged."""

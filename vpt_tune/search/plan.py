@@ -268,20 +268,21 @@ def stated_speed(gpu: str, workers: int) -> Speed:
 
 def trials_at_once(spec: Spec, resources: dict[str, float]) -> int:
     """Trials that run at once on ``resources`` (total CPUs and GPUs): ``search.max_concurrent_trials``,
-    else by GPUs when trials use them, else by CPUs (0: not even one fits)."""
+    else by GPUs when trials use them (``auto``: one each), else by CPUs (0: not even one fits)."""
     res = spec.resources
     if spec.search.max_concurrent_trials:
         return spec.search.max_concurrent_trials
-    if res.gpus > 0:
-        return int(resources.get("GPU", 0) // (res.gpus * res.workers_per_trial))
+    gpus = 1.0 if res.gpus_per_worker == "auto" else res.gpus  # auto, not decided yet: at least a GPU each
+    if gpus > 0:
+        return int(resources.get("GPU", 0) // (gpus * res.workers_per_trial))
     return int(resources.get("CPU", 0) // (res.cpus_per_worker * res.workers_per_trial))
 
 
 def make_plan(spec: Spec, task_dirs: dict[str, Path | None], at_once: int, gpu: str = "a10g",
-              speed: Speed | None = None) -> Plan:
+              speed: Speed | None = None, measure_gpu: bool = True) -> Plan:
     """The plan of ``spec``'s search on ``task_dirs`` (None: not downloaded yet), ``at_once`` trials at a
     time (see :func:`trials_at_once`). Trials' speed: ``speed`` if given, else measured here when this
-    machine has the trials' kind of device, else stated for ``gpu``."""
+    machine has the trials' kind of device (a GPU only with ``measure_gpu``), else stated for ``gpu``."""
     if gpu not in GPU_PEAK_TFLOPS:
         raise UserError(f"--gpu {gpu}: no stated speed for it; choose one of {', '.join(GPU_PEAK_TFLOPS)}")
     shape = ViTShape.for_model(spec.backbone.model, spec.backbone.img_size)
@@ -299,7 +300,7 @@ def make_plan(spec: Spec, task_dirs: dict[str, Path | None], at_once: int, gpu: 
                            f"{spec.data.benchmark}'s published split sizes")
     if speed is None:
         tokens = round(statistics.mean(sum(make_job(spec, "", c).counts(shape.depth)) / shape.depth for c in configs))
-        if uses_gpu and not torch.cuda.is_available():
+        if uses_gpu and not (measure_gpu and torch.cuda.is_available()):
             speed = stated_speed(gpu, res.workers_per_trial)
         else:
             device = torch.device("cuda" if uses_gpu else "cpu")
@@ -307,6 +308,8 @@ def make_plan(spec: Spec, task_dirs: dict[str, Path | None], at_once: int, gpu: 
     if at_once < 1:
         at_once = 1
         assumptions.append("one trial at a time: this machine holds none (set search.max_concurrent_trials)")
+    if res.gpus_per_worker == "auto":
+        assumptions.append("gpus_per_worker: auto, planned as a GPU per worker; the search packs more if they fit")
     if rungs:
         assumptions.append(f"early stopping keeps 1/{stopping.reduction_factor} of the trials at each rung "
                            f"({', '.join(map(str, rungs))}); at most: none stopped")

@@ -238,6 +238,18 @@ def start_ray() -> None:
         ) from None
 
 
+def log_plan(spec: Spec, tasks: dict[str, Path], parallel: int) -> None:
+    """Log the search's plan (:mod:`vpt_tune.search.plan`). GPU trials are planned from the stated GPU
+    table: a measurement here would hold a CUDA context in the driver for the whole search."""
+    try:
+        plan = make_plan(spec, tasks, parallel, measure_gpu=False)
+    except Exception as err:  # noqa: BLE001 - a plan is a courtesy: never the reason a search does not run
+        log.warning("no plan for this search (%s: %s); `vpt-tune plan` shows it", type(err).__name__, err)
+        return
+    for line in plan_lines(plan, per_task=len(tasks) <= PLAN_TASK_LINES):
+        log.info("%s", line)
+
+
 def concurrency(spec: Spec) -> int:
     """How many trials fit at once: by GPUs when trials use GPUs, else by CPUs."""
     total = ray.cluster_resources()
@@ -474,8 +486,7 @@ def _run(spec: Spec, experiment_dir: Path, state: dict) -> SearchResult:
     log.info("experiment: %s%s", experiment_dir, " (resumed)" if resumed else "")
     log.info("%d task(s) x %d trials, %d at a time", len(tasks), spec.search.trials_per_task, parallel)
     if not resumed:
-        for line in plan_lines(make_plan(spec, tasks, parallel), per_task=len(tasks) <= PLAN_TASK_LINES):
-            log.info("%s", line)
+        log_plan(spec, tasks, parallel)
 
     if resumed:
         parent = tracker.reopen(state["parent_run_id"])
