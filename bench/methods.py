@@ -27,18 +27,19 @@ CPU = torch.device("cpu")
 
 
 def methods(prompts: int, keep: int, epochs: int) -> dict[str, dict]:
-    """Method name -> (trial params, job options); every method totals ``epochs`` epochs."""
+    """Method name -> (trial params, job fields); every method totals ``epochs`` epochs."""
     ratio = 1 - keep / prompts
     pruned = {"num_prompts": prompts, "kv_prompts": keep, "token_prune_ratio": ratio, "segment_prune_ratio": 0.25}
     return {
         f"VPT T={prompts}": ({"num_prompts": prompts}, {}),
         f"VPT T={keep}": ({"num_prompts": keep}, {}),
         f"PC {prompts}->{keep}": (
-            {"num_prompts": prompts, "condensation_ratio": ratio}, {"epochs": epochs - 1, "condense_epochs": 1}),
+            {"num_prompts": prompts, "condensation_ratio": ratio}, {"epochs": epochs - 1, "options": {"condensation": {"epochs": 1}}}),
         f"SPT init T={keep}": ({"num_prompts": keep, "prompt_init": "spt_random"}, {}),
-        f"E2VPT T={keep} kv={keep}": ({"num_prompts": keep, "kv_prompts": keep}, {}),
+        f"E2VPT T={keep} kv={keep}": ({"num_prompts": keep, "kv_prompts": keep}, {"method": "e2vpt"}),
         **{f"E2VPT T={prompts} kv={keep} pruned->{keep} {scoring}": (
-            pruned, {"epochs": epochs - 1, "prune_epochs": 1, "prune_scoring": scoring})
+            pruned, {"epochs": epochs - 1, "method": "e2vpt",
+                     "options": {"e2vpt": {"prune_epochs": 1, "prune_scoring": scoring}}})
            for scoring in ("authors", "ours")},
     }
 
@@ -57,14 +58,13 @@ def main() -> None:
     task_dir = materialise(args.task, cache_dir() / "datasets" / "demo")
 
     rows = []
-    for name, (params, options) in methods(args.prompts, args.keep, args.epochs).items():
+    for name, (params, fields) in methods(args.prompts, args.keep, args.epochs).items():
         accs, started = [], time.monotonic()
         for seed in args.seeds:
             job = Job(
                 model="vit_small_patch14_dinov2", weights="demo", img_size=args.img_size, task_dir=str(task_dir),
                 params={"placement": "deep", "base_lr": args.base_lr, "prompt_dropout": 0.1, **params},
-                epochs=options.get("epochs", args.epochs), batch_size=16, warmup_epochs=0.2, seed=seed,
-                **{k: v for k, v in options.items() if k != "epochs"},
+                batch_size=16, warmup_epochs=0.2, seed=seed, **{"epochs": args.epochs, **fields},
             )
             _, metrics = run(job, CPU)
             accs.append(metrics["val_acc"])

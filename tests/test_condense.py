@@ -90,7 +90,7 @@ def test_job_condenses_then_fine_tunes_and_reports_the_condensed_cost(tmp_path):
     job = Job(
         model="vit_tiny_patch16_224", weights="random", img_size=32, task_dir=str(materialise("digits", tmp_path)),
         params={"num_prompts": 4, "placement": "deep", "base_lr": 0.1, "condensation_ratio": 0.75},
-        epochs=1, batch_size=100, condense_epochs=1,
+        epochs=1, batch_size=100, options={"condensation": {"epochs": 1}},
     )
     epochs = []
     model, metrics = run(job, CPU, on_epoch=lambda epoch, m, _: epochs.append(epoch))

@@ -19,6 +19,7 @@ from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.search.driver import make_job
 from vpt_tune.search.space import DefineByRun
 from vpt_tune.spec import SpecError, load_spec, validate
+from vpt_tune.methods import get_method
 from vpt_tune.train.job import expected_cost
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -246,10 +247,10 @@ def test_builtin_e2vpt_specs_validate(monkeypatch):
     demo = load_spec("demo_e2vpt")
     assert demo.method == "e2vpt" and demo.e2vpt.kv_shared and demo.e2vpt.kv_position == "prepend"
     assert demo.space.kv_prompts.int_range == (1, 8)
-    assert demo.space.token_prune_ratio.choice and demo.train.prune_epochs == 1
+    assert demo.space.token_prune_ratio.choice and demo.e2vpt.prune_epochs == 1
     plain = load_spec("demo")
     assert (demo.backbone, demo.data) == (plain.backbone, plain.data)
-    assert demo.train.model_copy(update={"prune_epochs": None}) == plain.train
+    assert demo.train == plain.train
     monkeypatch.setenv("VTAB_ROOT", "/data/vtab-1k")
     paper = load_spec("search_spaces/e2vpt.yaml")
     assert paper.method == "e2vpt" and paper.data.root == "/data/vtab-1k" and len(paper.data.tasks) == 19
@@ -292,8 +293,10 @@ def test_kv_prompts_reach_the_job_and_its_cost(tmp_path):
     for split in ("train800", "val200", "train800val200", "test"):  # a 10-class task folder (labels only)
         (tmp_path / f"{split}.txt").write_text("a.jpg 0\nb.jpg 9\n")
     job = make_job(spec, str(tmp_path), {**config, "kv_prompts": 5})
-    assert (job.kv_shared, job.kv_position) == (False, "append")
-    assert job.kv_counts(12) == [5] * 12 and job.counts(12) == [10] * 12
+    e2vpt = get_method("e2vpt")
+    assert job.method == "e2vpt" and e2vpt in job.methods()
+    assert (e2vpt.settings(job).kv_shared, e2vpt.settings(job).kv_position) == (False, "append")
+    assert e2vpt.kv_counts(job, 12) == [5] * 12 and job.counts(12) == [10] * 12
     cost = expected_cost(job)
     assert (cost.prompt_tokens, cost.kv_tokens) == (10, 5)
     assert cost.gflops == pytest.approx(18.51, abs=0.05)

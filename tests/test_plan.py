@@ -75,7 +75,7 @@ def test_early_stopping_expects_asha_rates_and_at_most_every_epoch():
     assert math.isclose(expected, 1 + 2 / 3 + 6 / 9) and math.isclose(finishing, 1 / 9)
     assert plan.reach([], 9, 3) == (9, 1)
     spec = _spec(search={"early_stopping": {"rule": "mo_asha", "min_epochs": 1, "reduction_factor": 3}},
-                 space={"condensation_ratio": 0.5}, train={"condense_epochs": 3})
+                 space={"condensation_ratio": 0.5}, condensation={"epochs": 3})
     task = _plan(spec).tasks[0]
     assert math.isclose(task.search.epochs / task.trials, expected + 3 / 9)  # condensation: finished trials only
     assert task.search_most.epochs / task.trials == 12
@@ -83,7 +83,7 @@ def test_early_stopping_expects_asha_rates_and_at_most_every_epoch():
 
 
 def test_condensed_epochs_run_at_the_condensed_cost():
-    spec = _spec(space={"condensation_ratio": 0.5}, train={"condense_epochs": 2, "prefix_cache": False})
+    spec = _spec(space={"condensation_ratio": 0.5}, condensation={"epochs": 2}, train={"prefix_cache": False})
     shape = ViTShape.for_model("vit_base_patch16_224", 224)
     task = _plan(spec).tasks[0]
     base, condensed = (prompted_cost(shape, [n] * 12, 100).gflops * 1e9 for n in (50, 25))

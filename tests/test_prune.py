@@ -16,6 +16,7 @@ from vpt_tune.models.prompted_vit import PromptedViT
 from vpt_tune.prune import (
     MAX_PRUNED_SEGMENTS, SEGMENTS, GateScores, gate_importance, masked_entries, prune_, select_gates, segment_of,
 )
+from vpt_tune import prune as prune_module
 from vpt_tune.train import job as job_module
 from vpt_tune.train.job import Job, expected_cost, run
 from vpt_tune.train.loop import TrainConfig, train
@@ -47,7 +48,8 @@ def small_digits(tmp_path_factory):
 def _job(task_dir: str, scoring: str, segment_ratio: float) -> Job:
     return Job(
         model="vit_tiny_patch16_224", weights="random", img_size=32, task_dir=task_dir, train_split="train64",
-        eval_split="val64", epochs=1, batch_size=32, prune_epochs=1, prune_scoring=scoring,
+        eval_split="val64", epochs=1, batch_size=32, method="e2vpt",
+        options={"e2vpt": {"prune_epochs": 1, "prune_scoring": scoring}},
         params={"num_prompts": 4, "placement": "deep", "kv_prompts": 1, "base_lr": 1.0, "token_prune_ratio": 0.5,
                 "segment_prune_ratio": segment_ratio},
     )
@@ -273,13 +275,13 @@ def test_authors_job_trains_gates_rewinds_to_fresh_values_and_resumes(small_digi
     """Gates train in phase 1 and are scored at their trained values; at most 12 of 16 segments go; phase 2
     starts from fresh draws (not the initial values) of the same distributions; a checkpoint keeps the gates."""
     starts = _record_train_starts(monkeypatch)
-    scored, real_importance = [], job_module.gate_importance
+    scored, real_importance = [], prune_module.gate_importance
 
     def recording_importance(net, prompted, *args):
         scored.append(prompted.prompts.segment_gate.detach().clone())
         return real_importance(net, prompted, *args)
 
-    monkeypatch.setattr(job_module, "gate_importance", recording_importance)
+    monkeypatch.setattr(prune_module, "gate_importance", recording_importance)  # (read when the stage runs)
     job = _job(small_digits, "authors", segment_ratio=0.9)
     checkpoints = {}
     model, metrics = run(job, CPU, on_epoch=lambda epoch, m, checkpoint: checkpoints.update({epoch: checkpoint()}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -56,8 +57,9 @@ def digits(tmp_path_factory):
 
 
 @pytest.mark.parametrize("params, options", [
-    ({"condensation_ratio": 0.5}, {"condense_epochs": 1}),  # train 2, condense 1
-    ({"kv_prompts": 1, "token_prune_ratio": 0.5, "segment_prune_ratio": 0.25}, {"prune_epochs": 1}),  # train 2, prune 1
+    ({"condensation_ratio": 0.5}, {"options": {"condensation": {"epochs": 1}}}),  # train 2, condense 1
+    ({"kv_prompts": 1, "token_prune_ratio": 0.5, "segment_prune_ratio": 0.25},
+     {"method": "e2vpt", "options": {"e2vpt": {"prune_epochs": 1}}}),  # train 2, prune 1
 ])
 def test_a_job_resumed_from_every_epoch_ends_exactly_like_an_uninterrupted_one(digits, params, options):
     job = Job(
@@ -85,7 +87,7 @@ def test_a_job_resumed_from_every_epoch_ends_exactly_like_an_uninterrupted_one(d
         trained = []
         resumed, resumed_metrics = run(job, CPU, on_epoch=lambda *a: trained.append(a), resume=finished)
         assert not trained and resumed_metrics == metrics and resumed.prompts.counts == model.prompts.counts
-    with pytest.raises(ValueError, match="unknown training stage 'distil'"):
+    with pytest.raises(ValueError, match="training stage 'distil', which this job does not have"):
         run(job, CPU, resume={**done, "stage": "distil"})
 
 
@@ -94,7 +96,7 @@ def test_jobs_differing_only_in_condensation_share_their_trained_model(digits):
     result equals training that job from scratch."""
     def job(ratio: float, **params) -> Job:
         return Job(model="vit_tiny_patch16_224", weights="random", img_size=32, task_dir=digits, epochs=1,
-                   batch_size=200, condense_epochs=1, condense_per_block=ratio > 0.6,
+                   batch_size=200, options={"condensation": {"epochs": 1, "per_block": ratio > 0.6}},
                    params={"num_prompts": 4, "placement": "deep", "base_lr": 0.5, "condensation_ratio": ratio, **params})
 
     first, second = job(0.5), job(0.75)
@@ -286,3 +288,18 @@ def test_driver_killed_mid_rung_resumes_to_the_same_stopping_decisions(tmp_path)
         optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))))
     states = [t.state for t in study.trials if t.state != optuna.trial.TrialState.FAIL]  # FAIL: asked, never run
     assert sorted(s.name for s in states) == sorted("COMPLETE" if d else "PRUNED" for d in decisions.values())
+
+
+def test_jobs_saved_before_methods_had_options_still_load(digits):
+    """Checkpoints and exported files of earlier versions kept E²VPT's and condensation's settings as job fields."""
+    old = {"model": "vit_tiny_patch16_224", "weights": "random", "img_size": 32, "task_dir": digits, "epochs": 2,
+           "batch_size": 8, "kv_shared": False, "kv_position": "append", "prune_scoring": "ours", "prune_epochs": 1,
+           "condense_epochs": 3, "condense_per_block": True, "prefix_cache": True,
+           "params": {"num_prompts": 4, "placement": "deep", "base_lr": 0.5, "kv_prompts": 2, "condensation_ratio": 0.5}}
+    job = Job.from_dict(old)
+    assert job.method == "e2vpt" and [name for name, _, _ in job.stages()] == ["train", "condense"]
+    assert job.options == {"e2vpt": {"kv_shared": False, "kv_position": "append", "prune_scoring": "ours",
+                                     "prune_epochs": 1}, "condensation": {"epochs": 3, "per_block": True}}
+    assert job.total_epochs == 5 and Job.from_dict(dataclasses.asdict(job)) == job
+    plain = Job.from_dict({**old, "params": {"num_prompts": 4, "placement": "deep", "base_lr": 0.5}})
+    assert plain.method == "vpt" and plain.total_epochs == 2

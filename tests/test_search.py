@@ -69,7 +69,7 @@ def _same_trained(one: Path, other: Path) -> bool:
 def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
     raw = small_spec(tmp_path)
     raw["space"]["condensation_ratio"] = 0.5  # Prompt Condensation after training, then 1 fine-tuning epoch
-    raw["train"]["condense_epochs"] = 1
+    raw["condensation"] = {"epochs": 1}
     spec = validate(raw)
     result = run_search(spec, name="exp")
     table = result.table
@@ -297,7 +297,7 @@ def test_demo_search_on_real_backbone_reuses_the_trained_model(tmp_path, local_r
             "search.sampler=grid",
             "search.max_concurrent_trials=1",
             "train.epochs=1",
-            "train.condense_epochs=1",
+            "condensation.epochs=1",
             "space.num_prompts=4",
             "space.placement=last_k",
             "space.depth=2",

@@ -69,7 +69,7 @@ def test_builtin_benchmark_pc_specs(monkeypatch, name, layout, tasks):
     spec = load_spec(f"search_spaces/{name}.yaml")
     assert spec.data.benchmark == layout and len(expand_tasks(layout, spec.data.tasks)) == tasks
     assert spec.backbone.model == "vit_base_patch16_224.augreg_in21k" and spec.backbone.weights == "hub"
-    assert spec.method == "vpt" and spec.space.placement == "deep" and spec.train.condense_epochs > 0
+    assert spec.method == "vpt" and spec.space.placement == "deep" and spec.condensation.epochs > 0
     assert isinstance(spec.space.condensation_ratio, Param) and max(spec.space.num_prompts.choice) == 200
 
 
@@ -583,3 +583,20 @@ def test_builtin_vpt_grid_spec(monkeypatch):
     size = math.prod(len(p.choice) for p in spec.space.searched().values())
     assert spec.search.sampler == "grid" and size == spec.search.trials_per_task == 120
     assert spec.space.base_lr.choice == [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05]
+
+
+@pytest.mark.parametrize("section, key, moved", [("train", "condense_epochs", "condensation.epochs"),
+                                                 ("train", "condense_per_block", "condensation.per_block"),
+                                                 ("train", "prune_epochs", "e2vpt.prune_epochs")])
+def test_keys_that_moved_into_a_method_section_say_where(section, key, moved):
+    with pytest.raises(SpecError, match=rf"^old\.yaml: {section}\.{key} is now {moved}: move it there$"):
+        validate({"name": "t", "space": {"num_prompts": {"int": [1, 8]}}, section: {key: 1}}, "old.yaml")
+
+
+def test_every_method_section_and_space_entry_comes_from_the_registry():
+    from vpt_tune.methods import METHODS
+    from vpt_tune.spec import Space, Spec
+
+    for method in METHODS.values():
+        assert set(method.space) <= set(Space.model_fields), method.name
+        assert (method.name in Spec.model_fields) == (method.options is not None), method.name

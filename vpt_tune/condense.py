@@ -64,7 +64,8 @@ def select_prompts(scores: dict[int, torch.Tensor], ratio: float, per_block: boo
 @torch.no_grad()
 def condense_(model: PromptedViT, kept: dict[int, list[int]]) -> PromptedViT:
     """Drop every prompt not in ``kept`` from ``model`` in place; blocks keep replacing their prompts
-    (possibly with none), so the condensed model equals the full one with those prompts removed."""
+    (possibly with none), so the condensed model equals the full one with those prompts removed. The
+    model's prompt transforms are told which prompts stay."""
     old = model.prompts
     counts = [len(kept.get(i, [])) if new else 0 for i, new in enumerate(old.fresh)]
     masks = {i: old.mask(i)[kept.get(i, [])] for i in range(len(counts)) if old.mask(i) is not None}
@@ -73,4 +74,6 @@ def condense_(model: PromptedViT, kept: dict[int, list[int]]) -> PromptedViT:
     for block, indices in kept.items():
         condensed.tokens[str(block)].copy_(old.tokens[str(block)][indices])
     model.prompts = condensed
+    for transform in model.prompt_transforms.values():
+        transform.keep_(kept)
     return model

@@ -62,12 +62,45 @@ class Cost:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class CostTerms:
+    """A method's cost beyond the visual prompts in the sequence: multiply-adds per image, trainable
+    parameters (negative: entries that do not train) and mean key/value prompts per block."""
+
+    macs: int = 0
+    params: int = 0
+    kv_tokens: float = 0.0
+
+
 def block_macs(tokens: int, shape: ViTShape, kv_tokens: int = 0) -> int:
     """Multiply-adds of one transformer block over ``tokens`` tokens with ``kv_tokens`` KV prompts."""
     d = shape.embed_dim
     linear = tokens * d * (4 * d + 2 * shape.mlp_hidden)  # qkv (3D²) + proj (D²) + MLP (2·D·hidden)
     attention = 2 * tokens * (tokens + kv_tokens) * d  # Q·Kᵀ and attn·V over the prompted keys/values
     return linear + attention
+
+
+def _check_counts(shape: ViTShape, name: str, given: Sequence[int]) -> None:
+    if len(given) != shape.depth:
+        raise ValueError(f"need one {name} count per block ({shape.depth}), got {len(given)}")
+    if any(c < 0 for c in given):
+        raise ValueError(f"{name} counts must be >= 0, got {list(given)}")
+
+
+def kv_attention_terms(
+    shape: ViTShape, counts: Sequence[int], fresh: Sequence[bool] | None, kv_counts: Sequence[int], kv_shared: bool = True
+) -> CostTerms:
+    """E²VPT's key/value prompts: the extra keys and values every query of a block attends to, over the
+    block's tokens (prompts included, as ``counts`` and ``fresh`` place them); heads·T_kv·head_dim = T_kv·D
+    parameters per block, twice that when keys and values are separate tensors (not ``kv_shared``)."""
+    _check_counts(shape, "KV prompt", kv_counts)
+    base = shape.num_prefix_tokens + shape.num_patches
+    present = tokens_per_block(counts, fresh)
+    return CostTerms(
+        macs=sum(2 * (base + p) * kv * shape.embed_dim for p, kv in zip(present, kv_counts)),
+        params=sum(kv_counts) * shape.embed_dim * (1 if kv_shared else 2),
+        kv_tokens=sum(kv_counts) / shape.depth,
+    )
 
 
 def prompted_cost(
@@ -77,27 +110,24 @@ def prompted_cost(
     kv_counts: Sequence[int] | None = None,
     kv_shared: bool = True,
     fresh: Sequence[bool] | None = None,
+    terms: Sequence[CostTerms | None] = (),
 ) -> Cost:
-    """Cost of ``shape`` with ``counts`` fresh prompts and ``kv_counts`` KV prompts (None: none) per
-    block and a ``num_classes`` head; ``fresh`` marks the blocks that replace the prompts (default:
-    ``counts > 0``; condensed models may replace with 0). KV prompts are heads·T_kv·head_dim = T_kv·D parameters per block,
-    twice that when keys and values are separate tensors (not ``kv_shared``)."""
-    kv_counts = [0] * shape.depth if kv_counts is None else kv_counts
-    for name, given in (("prompt", counts), ("KV prompt", kv_counts)):
-        if len(given) != shape.depth:
-            raise ValueError(f"need one {name} count per block ({shape.depth}), got {len(given)}")
-        if any(c < 0 for c in given):
-            raise ValueError(f"{name} counts must be >= 0, got {list(given)}")
+    """Cost of ``shape`` with ``counts`` fresh prompts and ``kv_counts`` KV prompts (None: none, see
+    :func:`kv_attention_terms`) per block, a ``num_classes`` head and other methods' ``terms``; ``fresh``
+    marks the blocks that replace the prompts (default: ``counts > 0``; condensed models may replace with 0)."""
+    _check_counts(shape, "prompt", counts)
+    terms = [t for t in terms if t is not None]
+    if kv_counts is not None:
+        terms.append(kv_attention_terms(shape, counts, fresh, kv_counts, kv_shared))
     present = tokens_per_block(counts, fresh)
     base = shape.num_prefix_tokens + shape.num_patches
     macs = shape.num_patches * shape.embed_dim * shape.in_chans * shape.patch_area
-    macs += sum(block_macs(base + p, shape, kv) for p, kv in zip(present, kv_counts))
-    macs += shape.embed_dim * num_classes
-    kv_params = sum(kv_counts) * shape.embed_dim * (1 if kv_shared else 2)
+    macs += sum(block_macs(base + p, shape) for p in present)
+    macs += shape.embed_dim * num_classes + sum(t.macs for t in terms)
     head_params = (shape.embed_dim + 1) * num_classes
     return Cost(
         prompt_tokens=sum(present) / shape.depth,
-        kv_tokens=sum(kv_counts) / shape.depth,
-        trainable_params=sum(counts) * shape.embed_dim + kv_params + head_params,
+        kv_tokens=sum(t.kv_tokens for t in terms),
+        trainable_params=sum(counts) * shape.embed_dim + head_params + sum(t.params for t in terms),
         gflops=macs / 1e9,
     )

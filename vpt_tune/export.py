@@ -31,7 +31,7 @@ def export_trial(experiment: str | Path, table_row: dict, out: str | Path) -> Pa
         raise UserError(f"trial {table_row.get('trial_id')} is {table_row.get('status')}, not finished; export a "
                         "finished trial (`vpt-tune pareto EXPERIMENT --all` lists them)")
     saved = _trained_state(Path(experiment), table_row)
-    job = Job(**saved["job"])
+    job = Job.from_dict(saved["job"])
     metrics = {k: float(v) for k, v in saved["metrics"].items() if isinstance(v, (int, float))}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def load(path: str | Path, weights: str | None = None, device: str | torch.devic
         raise UserError(f"{path}: cannot read an exported trial ({err})") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise UserError(f"{path}: not a file written by `vpt-tune export`")
-    job = Job(**saved["job"])
+    job = Job.from_dict(saved["job"])
     model = build_model(job, saved["classes"], weights).load_trainable(saved["trainable"]).to(device).eval()
     model.preprocess = Preprocess(job.benchmark, job.img_size, *normalisation(model.backbone))
     return model

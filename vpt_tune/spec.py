@@ -16,15 +16,15 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator,
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator, model_validator,
 )
 
 from vpt_tune.errors import UserError
+from vpt_tune.methods import MAIN_METHODS, METHODS, Options
 from vpt_tune.models.placement import PLACEMENTS
 
 OBJECTIVES = {"val_acc": "max", "prompt_tokens": "min", "gflops": "min"}
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
-PROMPT_INITS = ("uniform", "spt_random", "spt_mean", "spt_max")
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Limits on the YAML of a spec (file, standard input or --set value), enforced while parsing so that no input
 # can exhaust time, memory or the stack; real specs are a few KB, nest about 5 levels and hold a few hundred nodes.
@@ -86,8 +86,9 @@ def _searchable(fixed: Any) -> Any:
     ]
 
 
-class Space(_Strict):
-    """What each trial samples: every entry is a :class:`Param` or a fixed value."""
+class _CoreSpace(_Strict):
+    """What each trial samples: every entry is a :class:`Param` or a fixed value. The prompt and optimiser
+    entries below are the core's; each method adds its own (:attr:`vpt_tune.methods.Method.space`)."""
 
     num_prompts: _searchable(int) = 10
     placement: _searchable(str) = "deep"
@@ -96,14 +97,9 @@ class Space(_Strict):
     base_lr: _searchable(float) = 1.0
     weight_decay: _searchable(float) = 0.0
     prompt_dropout: _searchable(float) = 0.0
-    prompt_init: _searchable(str) = "uniform"  # uniform (VPT) or SPT prototypes: spt_random | spt_mean | spt_max
-    kv_prompts: _searchable(int) | None = None  # E²VPT key/value prompts in every block; None: 0 (method: e2vpt)
-    token_prune_ratio: _searchable(float) | None = None  # E²VPT pruning: fraction of prompt tokens removed
-    segment_prune_ratio: _searchable(float) | None = None  # E²VPT pruning: fraction of each token's 16 segments
-    condensation_ratio: _searchable(float) | None = None  # Prompt Condensation: fraction of prompts dropped
 
     @model_validator(mode="after")
-    def _check(self) -> "Space":
+    def _check(self) -> "_CoreSpace":
         placements = self.placement.values() if isinstance(self.placement, Param) else [self.placement]
         if placements is None or any(p not in PLACEMENTS for p in placements):
             raise ValueError(f"placement values must be among {list(PLACEMENTS)}, got {placements}")
@@ -111,11 +107,9 @@ class Space(_Strict):
             raise ValueError("placement first_k/last_k needs `depth` (an int or a Param)")
         if "layers" in placements and not self.layers:
             raise ValueError("placement 'layers' needs `layers: [block indices]`")
-        inits = self.prompt_init.values() if isinstance(self.prompt_init, Param) else [self.prompt_init]
-        if inits is None or any(i not in PROMPT_INITS for i in inits):
-            raise ValueError(f"prompt_init values must be among {list(PROMPT_INITS)}, got {inits}")
-        for name in ("token_prune_ratio", "segment_prune_ratio", "condensation_ratio"):
-            _check_ratio(name, getattr(self, name))
+        values = {name: _values(entry) for name, entry in self}
+        for method in METHODS.values():
+            method.check_space(values)
         names = list(type(self).model_fields)
         for name, param in self.searched().items():
             for ref in param.when or {}:
@@ -130,29 +124,17 @@ class Space(_Strict):
         return {name: value for name, value in self if isinstance(value, Param)}
 
 
-def _check_ratio(name: str, value: Param | float | None) -> None:
-    """A fraction of prompts removed must lie in [0, 1): at least one prompt stays."""
-    if isinstance(value, Param):
-        values = value.values() or list(value.float_range or value.int_range)
-    else:
-        values = [] if value is None else [value]
-    if any(not 0 <= v < 1 for v in values):
-        raise ValueError(f"{name} must lie in [0, 1) (the fraction removed), got {values}")
+def _values(entry: Param | Any) -> list:
+    """The values a space entry can take: a Param's choices or range bounds, a fixed value, or none."""
+    if isinstance(entry, Param):
+        return entry.values() or list(entry.float_range or entry.int_range)
+    return [] if entry is None else [entry]
 
 
-class E2VPTSpec(_Strict):
-    """Fixed options of E²VPT's key/value prompts (their number is ``space.kv_prompts``) and pruning.
-
-    ``kv_shared``: one tensor per block serves as keys and values (the authors' commands), or separate
-    key and value tensors (the paper's description); ``kv_position``: before or after the image keys.
-    ``prune_scoring`` (with prune ratios): ``authors`` (default: trained gates, mean signed gradient,
-    at most 12 of 16 segments pruned, fresh random rewind, as ChengHan111/E2VPT) or ``ours`` (|gradient|
-    at gate 1, rewind to the initial values); see :mod:`vpt_tune.prune`.
-    """
-
-    kv_shared: bool = True
-    kv_position: Literal["prepend", "append"] = "prepend"
-    prune_scoring: Literal["authors", "ours"] = "authors"
+Space = create_model(
+    "Space", __base__=_CoreSpace, __doc__=_CoreSpace.__doc__,
+    **{name: (_searchable(entry.kind) | None, entry.default) for m in METHODS.values() for name, entry in m.space.items()},
+)
 
 
 class BackboneSpec(_Strict):
@@ -181,9 +163,6 @@ class TrainSpec(_Strict):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     seed: int = 0
     prefix_cache: bool = True
-    condense_epochs: int = Field(1, ge=0)
-    condense_per_block: bool = False
-    prune_epochs: int | None = Field(None, gt=0)  # E²VPT retraining after pruning; null: epochs
     reuse_base: bool = True  # trials differing only in condensation settings share one trained model
     checkpoint_every: int = Field(1, gt=0)  # epochs between trial checkpoints (a restart continues from the last)
     max_failures: int = Field(2, ge=0)  # restarts of a trial's workers after a crash or a lost node
@@ -275,14 +254,13 @@ class TrackingSpec(_Strict):
     experiment: str = "vpt-tune"
 
 
-class Spec(_Strict):
-    """A whole search."""
+class _CoreSpec(_Strict):
+    """A whole search; each method with options has a section of its own (see :data:`Spec`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     backbone: BackboneSpec = BackboneSpec()
     data: DataSpec = DataSpec()
-    method: Literal["vpt", "e2vpt"] = "vpt"
-    e2vpt: E2VPTSpec = E2VPTSpec()
+    method: str = "vpt"
     objectives: list[str] = Field(default_factory=lambda: list(OBJECTIVES))
     space: Space
     train: TrainSpec = TrainSpec()
@@ -292,8 +270,15 @@ class Spec(_Strict):
     tracking: TrackingSpec = TrackingSpec()
     storage: str = "vpt_results"
 
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, method: str) -> str:
+        if method not in MAIN_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(MAIN_METHODS)}")
+        return method
+
     @model_validator(mode="after")
-    def _check(self) -> "Spec":
+    def _check(self) -> "_CoreSpec":
         if sorted(self.objectives) != sorted(OBJECTIVES):
             raise ValueError(f"objectives must be {list(OBJECTIVES)} (other objectives are not supported yet)")
         if self.search.sampler == "grid":  # Optuna's GridSampler: a finite product of listed values
@@ -305,14 +290,36 @@ class Spec(_Strict):
         if stopping.rule != "off" and stopping.min_epochs >= self.train.epochs:
             raise ValueError(f"search.early_stopping.min_epochs: {stopping.min_epochs} leaves no rung before the last "
                              f"of train.epochs {self.train.epochs}; lower it or set search.early_stopping.rule: off")
-        if self.method == "vpt":
-            for name in ("kv_prompts", "token_prune_ratio", "segment_prune_ratio"):
+        chosen = METHODS[self.method]
+        for method in METHODS.values():
+            if method.main and method is chosen or not method.main and chosen.sequence_prompts:
+                continue
+            need = f"`method: {method.name}`" if method.main else f"a method whose prompts join the sequence, not {self.method}"
+            for name, entry in method.space.items():
                 value = getattr(self.space, name)
-                if isinstance(value, Param) or (value or 0) > 0:
-                    raise ValueError(f"space.{name} needs `method: e2vpt` (an E²VPT feature)")
-            if self.e2vpt != E2VPTSpec():
-                raise ValueError("e2vpt options need `method: e2vpt`")
+                if isinstance(value, Param) or value not in (None, 0, entry.default):
+                    raise ValueError(f"space.{name} needs {need} (a {method.name} setting)")
+            if method.options is not None and self.method_options(method.name) != method.options():
+                raise ValueError(f"{method.name} options need {need}")
         return self
+
+
+    def method_options(self, name: str) -> Options | None:
+        """The options section of the method called ``name`` (None if it has none)."""
+        return getattr(self, name, None)
+
+    def job_options(self) -> dict[str, dict]:
+        """Every method's options as plain values, by method name (what a trial's job carries)."""
+        return {m.name: self.method_options(m.name).model_dump() for m in METHODS.values() if m.options is not None}
+
+
+Spec = create_model(
+    "Spec", __base__=_CoreSpec, __doc__=_CoreSpec.__doc__,
+    **{m.name: (m.options, m.options()) for m in METHODS.values() if m.options is not None},
+)
+# Keys that moved into a method's section: an old spec gets a line saying where.
+MOVED_KEYS = {("train", "condense_epochs"): "condensation.epochs", ("train", "condense_per_block"): "condensation.per_block",
+              ("train", "prune_epochs"): "e2vpt.prune_epochs"}
 
 
 def builtin_spec(name: str) -> Path | None:
@@ -343,6 +350,9 @@ def load_spec(path: str | Path, overrides: list[str] = (), require_env: bool = T
 
 def validate(raw: dict, source: str | Path = "<spec>") -> Spec:
     """Validate a spec mapping; errors name every offending key path."""
+    for (section, key), moved in MOVED_KEYS.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise SpecError(f"{source}: {section}.{key} is now {moved}: move it there")
     try:
         return Spec.model_validate(raw)
     except ValidationError as err:

@@ -21,6 +21,10 @@ class PromptedViT(nn.Module):
     Sequence layout per block: ``[prefix (class + register tokens), prompts, patches]``; prompts
     carry no position embedding. Blocks with KV prompts get a :class:`KVPromptedAttention` as
     ``attn``; the others keep timm's. Input: images (B, 3, H, W); output: logits (B, num_classes).
+
+    Methods may add ``prompt_transforms`` (by method name): modules called as ``transform(block, prompts)``
+    on each block's fresh prompts (B, T, D) before they join the sequence, with ``keep_(kept)`` called when
+    only the prompts ``kept`` (sorted indices per block) stay (condensation, pruning); e.g. VFPT's.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class PromptedViT(nn.Module):
         self.prompts = VisualPrompts(counts, backbone.embed_dim, self.init_bound, prompt_dropout, gated=gated)
         self.kv_prompts = add_kv_prompts(backbone, kv_counts, kv_shared, kv_position)
         self.head = _new_head(backbone.embed_dim, num_classes)
+        self.prompt_transforms = nn.ModuleDict()
 
     @property
     def init_bound(self) -> float:
@@ -121,6 +126,8 @@ class PromptedViT(nn.Module):
         for i in range(start, len(vit.blocks)):
             if self.prompts.fresh[i] and (self.prompts.counts[i] or carried):  # (nothing to swap: no copy)
                 fresh = self.prompts(i, x.shape[0])
+                for transform in self.prompt_transforms.values():
+                    fresh = transform(i, fresh)
                 x = torch.cat([x[:, :prefix], fresh, x[:, prefix + carried:]], dim=1)
                 carried = fresh.shape[1]
             x = vit.blocks[i](x)

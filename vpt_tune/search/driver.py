@@ -63,13 +63,9 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
         warmup_epochs=spec.train.warmup_epochs,
         optimizer=spec.train.optimizer,
         seed=final["seed"] if final else spec.train.seed,
+        method=spec.method,
+        options=spec.job_options(),
         prefix_cache=spec.train.prefix_cache,
-        condense_epochs=spec.train.condense_epochs,
-        condense_per_block=spec.train.condense_per_block,
-        prune_epochs=spec.train.prune_epochs,
-        kv_shared=spec.e2vpt.kv_shared,
-        kv_position=spec.e2vpt.kv_position,
-        prune_scoring=spec.e2vpt.prune_scoring,
         evaluate_every_epoch=not final,  # the papers' protocol tests once, after training
     )
 

@@ -186,17 +186,18 @@ def epoch_work(forward: float, prefix: float, images: tuple[int, int], cached: b
 def trial_work(job: Job, shape: ViTShape, classes: int, images: tuple[int, int], rungs: Sequence[int] = (),
                reduction_factor: int = 3, cached: bool = True) -> tuple[Work, Work]:
     """The work of one trial of ``job``: expected under early stopping at ``rungs``, and the most."""
-    counts, kv = job.counts(shape.depth), job.kv_counts(shape.depth)
-    first = next((i for i, (c, k) in enumerate(zip(counts, kv)) if c or k), shape.depth)
+    counts = job.counts(shape.depth)
+    first = min([next((i for i, count in enumerate(counts) if count), shape.depth)]
+                + [method.first_block(job, shape.depth) for method in job.methods()])  # the first block that trains
     cached = cached and first > 0
     prefix = prefix_macs(shape, first)
-    base = prompted_cost(shape, counts, classes, kv, job.kv_shared).gflops * 1e9
+    base = expected_cost(job, shape, classes, stages=False).gflops * 1e9
     final = expected_cost(job, shape, classes).gflops * 1e9
     once = Work(0, 0, sum(images) * prefix) if cached else Work()
     every = job.evaluate_every_epoch  # else the evaluation split once after each phase (a final retrain's test)
     after = epoch_work(final, prefix, images, cached, every) * (job.total_epochs - job.epochs)  # prune, condense
     if not every:
-        phases = (job.retrain_epochs > 0) + (job.total_epochs > job.base_epochs)
+        phases = len(job.stages()) - 1
         once = once + Work(0, 0, epoch_work(base, prefix, images, cached).eval_macs
                            + phases * epoch_work(final, prefix, images, cached).eval_macs)
     base_epochs, finishing = reach(rungs, job.epochs, reduction_factor)

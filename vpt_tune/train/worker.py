@@ -74,7 +74,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """
     entered = time.time()
     timing = {"startup_seconds": entered - config[STARTED_AT]} if STARTED_AT in config else {}
-    job = Job(**config["job"])
+    job = Job.from_dict(config["job"])
     constant_metrics = config["report"]  # cost figures known before training; the last report has the final ones
     every = int(config.get("checkpoint_every", 1))
     context = ray.train.get_context()
