@@ -297,7 +297,7 @@ class _CoreSpec(_Strict):
             need = f"`method: {method.name}`" if method.main else f"a method whose prompts join the sequence, not {self.method}"
             for name, entry in method.space.items():
                 value = getattr(self.space, name)
-                if isinstance(value, Param) or value not in (None, 0, entry.default):
+                if name in self.space.model_fields_set and (isinstance(value, Param) or value not in (None, entry.off)):
                     raise ValueError(f"space.{name} needs {need} (a {method.name} setting)")
             if method.options is not None and self.method_options(method.name) != method.options():
                 raise ValueError(f"{method.name} options need {need}")

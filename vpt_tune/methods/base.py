@@ -35,11 +35,13 @@ class Options(BaseModel):
 
 @dataclass(frozen=True)
 class SpaceEntry:
-    """An entry a method adds to the spec's ``space``: searched (a Param) or fixed of type ``kind``."""
+    """An entry a method adds to the spec's ``space``: searched (a Param) or fixed of type ``kind``; ``off``
+    is the value that leaves the method out (the entry may be given so with any method)."""
 
     kind: type
     default: Any = None
     doc: str = ""
+    off: Any = 0
 
 
 @dataclass

@@ -13,7 +13,8 @@ PROMPT_INITS = ("uniform", "spt_random", "spt_mean", "spt_max")
 class SPT(Method):
     name = "spt"
     summary = "Self-Prompt Tuning init: prompts from prototypes of the block's input tokens"
-    space = {"prompt_init": SpaceEntry(str, "uniform", "uniform (VPT) or SPT prototypes: spt_random | spt_mean | spt_max")}
+    space = {"prompt_init": SpaceEntry(str, "uniform", "uniform (VPT) or SPT prototypes: spt_random | spt_mean | spt_max",
+                                        off="uniform")}
 
     def check_space(self, values: dict[str, list]) -> None:
         inits = values.get("prompt_init", [])
