@@ -14,6 +14,7 @@ from pathlib import Path, PurePath
 
 import pandas as pd
 
+from vpt_tune.methods import METHODS
 from vpt_tune.spec import Space, SpecError
 
 TABLE_FILE = "trials.parquet"
@@ -23,7 +24,7 @@ MLFLOW_RUN_ID = "mlflow_run_id"  # a trial's MLflow run: a table column, and a k
 PROMPTS_ARTIFACT = "prompts"  # MLflow artifact folder of a Pareto trial's trained prompts and head
 STOPPED_AT = "stopped_at_epoch"  # result key of a stopped trial's last result: the rung it stopped at
 # The metric schema of a trial, in one place: the trial table's columns and what its MLflow run records.
-ACCURACY_METRICS = ("val_acc", "val_acc_uncondensed", "val_acc_unpruned")
+ACCURACY_METRICS = ("val_acc", *(metric for method in METHODS.values() for metric in method.metrics))
 COST_METRICS = ("prompt_tokens", "kv_tokens", "gflops", "trainable_params")  # known before training
 TIMING_METRICS = ("train_seconds", "startup_seconds", "setup_seconds")
 EPOCH_METRICS = (*ACCURACY_METRICS, "train_loss", "lr", "epoch_seconds", *TIMING_METRICS)  # logged every epoch
