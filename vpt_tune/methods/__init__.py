@@ -11,9 +11,10 @@ from vpt_tune.methods.base import Method, Options, SpaceEntry, StageContext
 from vpt_tune.methods.condensation import Condensation
 from vpt_tune.methods.e2vpt import E2VPT
 from vpt_tune.methods.spt import SPT
+from vpt_tune.methods.vfpt import VFPT
 from vpt_tune.methods.vpt import VPT
 
-METHODS: dict[str, Method] = {m.name: m for m in (VPT(), SPT(), E2VPT(), Condensation())}
+METHODS: dict[str, Method] = {m.name: m for m in (VPT(), SPT(), E2VPT(), Condensation(), VFPT())}
 MAIN_METHODS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.main)
 
 
