@@ -28,6 +28,7 @@ EPILOG = """examples:
   vpt-tune plan search_spaces/vtab_pc.yaml --cluster cluster/aws.yaml   # PFLOPs, GPU-hours, wall time
   vpt-tune cost --model vit_base_patch16_224 --img-size 224 --prompts 50 --placement deep
   vpt-tune cost --prompts 10 --kv-prompts 5        # E²VPT, ViT-B/16: 18.51 GFLOPs
+  vpt-tune cost --method cvpt --prompts 10         # CVPT: prompts read by cross-attention
   mlflow ui --backend-store-uri sqlite:///mlflow.db  # browse runs, fronts and tables
 """
 
@@ -257,19 +258,34 @@ def _cost(args: argparse.Namespace) -> None:
     from vpt_tune.cost import ViTShape, prompted_cost
     from vpt_tune.models.placement import prompt_counts
 
+    method = args.method or ("e2vpt" if args.kv_prompts else "vpt")
+    if method not in ("vpt", "e2vpt") and (args.counts or args.kv_prompts or args.kv_separate):
+        raise UserError(f"--counts and --kv-prompts describe VPT / E²VPT prompts; --method {method} takes --prompts "
+                        "and --placement")
     shape = ViTShape.for_model(args.model, args.img_size)
     try:
         counts = args.counts or prompt_counts(args.prompts, args.placement, shape.depth, args.depth, args.layers)
     except ValueError as err:
         raise UserError(f"--placement {args.placement}: {err}") from None
-    try:
-        cost = prompted_cost(shape, counts, args.num_classes, [args.kv_prompts] * shape.depth, not args.kv_separate)
-    except ValueError as err:  # a --counts of the wrong length, or a negative count
-        raise UserError(f"{err} (--counts / --kv-prompts)") from None
+    if args.counts:  # per-block counts: the cost model directly
+        try:
+            cost = prompted_cost(shape, counts, args.num_classes, [args.kv_prompts] * shape.depth, not args.kv_separate)
+        except ValueError as err:  # a --counts of the wrong length, or a negative count
+            raise UserError(f"{err} (--counts / --kv-prompts)") from None
+    else:  # the cost a trial of the method reports for this configuration, before its stages
+        from vpt_tune.train.job import Job, expected_cost
+
+        params = {"num_prompts": args.prompts, "placement": args.placement, "depth": args.depth, "layers": args.layers,
+                  "base_lr": 0.0, "kv_prompts": args.kv_prompts}
+        job = Job(model=args.model, weights="random", img_size=args.img_size, task_dir="", params=params, epochs=1,
+                  batch_size=1, method=method, options={"e2vpt": {"kv_shared": not args.kv_separate}})
+        cost = expected_cost(job, shape, args.num_classes, stages=False)
     print(f"model            {args.model} @ {args.img_size}px ({shape.depth} blocks, width {shape.embed_dim})")
-    print(f"prompts/block    {counts}")
-    print(f"prompt tokens    {cost.prompt_tokens:g} (mean over blocks)")
-    print(f"KV tokens        {cost.kv_tokens:g} (mean over blocks; E²VPT key/value prompts, not in the sequence)")
+    print(f"method           {method}")
+    print(f"prompts/block    {counts}{' (read by cross-attention, not in the sequence)' if method == 'cvpt' else ''}")
+    print(f"prompt tokens    {cost.prompt_tokens:g} (mean over blocks, in the sequence)")
+    print(f"KV tokens        {cost.kv_tokens:g} (mean over blocks; attended to, not in the sequence: "
+          "E²VPT key/value prompts, CVPT prompts)")
     print(f"trainable params {cost.trainable_params:,} (prompts + {args.num_classes}-class head)")
     print(f"GFLOPs           {cost.gflops:.2f} per image (multiply-adds)")
 
@@ -289,6 +305,8 @@ def _cluster_options(command: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vpt-tune``."""
+    from vpt_tune.methods import MAIN_METHODS  # (light: no torch)
+
     parser = argparse.ArgumentParser(
         prog="vpt-tune",
         description="Multi-objective hyperparameter search for visual prompt tuning of frozen timm ViTs "
@@ -369,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     cost = sub.add_parser("cost", help="prompt tokens, trainable parameters and GFLOPs of a configuration")
+    cost.add_argument("--method", choices=MAIN_METHODS, help="the method (default: vpt, or e2vpt with --kv-prompts)")
     cost.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
     cost.add_argument("--img-size", type=int, default=224)
     visual = cost.add_mutually_exclusive_group()

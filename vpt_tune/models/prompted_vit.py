@@ -24,7 +24,8 @@ class PromptedViT(nn.Module):
 
     Methods may add ``prompt_transforms`` (by method name): modules called as ``transform(block, prompts)``
     on each block's fresh prompts (B, T, D) before they join the sequence, with ``keep_(kept)`` called when
-    only the prompts ``kept`` (sorted indices per block) stay (condensation, pruning); e.g. VFPT's.
+    only the prompts ``kept`` (sorted indices per block) stay (condensation, pruning); e.g. VFPT's. A method
+    that changes blocks itself (CVPT's cross-attention, SSF, full fine-tuning) lowers ``first_changed_block``.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class PromptedViT(nn.Module):
         self.kv_prompts = add_kv_prompts(backbone, kv_counts, kv_shared, kv_position)
         self.head = _new_head(backbone.embed_dim, num_classes)
         self.prompt_transforms = nn.ModuleDict()
+        self.first_changed_block = depth  # the first block a method changes beyond the prompts (0: the embedding too)
 
     @property
     def init_bound(self) -> float:
@@ -67,9 +69,11 @@ class PromptedViT(nn.Module):
         return self
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Every tensor that is not the frozen backbone (prompts, segment masks, gates, KV prompts, head),
-        on CPU."""
-        return {k: t.detach().cpu().clone() for k, t in self.state_dict().items() if not k.startswith("backbone.")}
+        """Every tensor that is not the frozen backbone (prompts, segment masks, gates, KV prompts, head, and
+        backbone parameters a method trains: SSF's, full fine-tuning's), on CPU."""
+        trained = {f"backbone.{name}" for name, p in self.backbone.named_parameters() if p.requires_grad}
+        return {k: t.detach().cpu().clone() for k, t in self.state_dict().items()
+                if not k.startswith("backbone.") or k in trained}
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> "PromptedViT":
         """Load a :meth:`trainable_state`, first reshaping the visual prompts to the state's per-block
@@ -108,7 +112,8 @@ class PromptedViT(nn.Module):
         """The first block any prompt (visual or key/value) enters; earlier blocks are frozen functions
         of the image (len(blocks) when there are no prompts at all)."""
         blocks = zip(self.prompts.fresh, self.kv_prompts.counts)
-        return next((i for i, (fresh, kv) in enumerate(blocks) if fresh or kv), len(self.prompts.counts))
+        first = next((i for i, (fresh, kv) in enumerate(blocks) if fresh or kv), len(self.prompts.counts))
+        return min(first, self.first_changed_block)
 
     @torch.no_grad()
     def frozen_prefix(self, images: torch.Tensor, start: int) -> torch.Tensor:

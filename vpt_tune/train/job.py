@@ -105,6 +105,14 @@ class Job:
         p = self.params
         return prompt_counts(p["num_prompts"], p["placement"], num_blocks, p.get("depth"), p.get("layers"))
 
+    def model_arguments(self, depth: int) -> dict[str, Any]:
+        """The keyword arguments of its :class:`PromptedViT` (of ``depth`` blocks): the placement's prompts in
+        the sequence and the prompt dropout, as its methods set them."""
+        arguments = {"counts": self.counts(depth), "prompt_dropout": float(self.params.get("prompt_dropout", 0.0))}
+        for method in self.methods():
+            arguments.update(method.model_arguments(self, depth))
+        return arguments
+
     def train_config(self, epochs: int | None = None) -> TrainConfig:
         return TrainConfig(
             epochs=self.epochs if epochs is None else epochs,
@@ -133,8 +141,8 @@ def expected_cost(job: Job, shape: ViTShape | None = None, classes: int | None =
     method's :meth:`~vpt_tune.methods.Method.expected_counts`. ``stages=False``: the model as built.
     ``shape`` and ``classes`` (default: read off the model name and the task's folder) spare the lookups."""
     shape = shape or ViTShape.for_model(job.model, job.img_size)
-    classes = classes or task_classes(job.benchmark, Path(job.task_dir))
-    counts = job.counts(shape.depth)
+    classes = task_classes(job.benchmark, Path(job.task_dir)) if classes is None else classes
+    counts = job.model_arguments(shape.depth)["counts"]
     fresh = [count > 0 for count in counts]
     methods = job.methods()
     for method in methods if stages else ():
@@ -148,10 +156,8 @@ def build_model(job: Job, classes: int, weights: str | None = None) -> PromptedV
     file to load instead of the job's own ``weights`` setting), its methods installed."""
     torch.manual_seed(job.seed)  # prompt and head initialisation
     vit = create_backbone(job.model, weights or resolve_weights(job.weights), job.img_size)
-    depth, methods = len(vit.blocks), job.methods()
-    arguments = {key: value for method in methods for key, value in method.model_arguments(job, depth).items()}
-    model = PromptedViT(vit, classes, job.counts(depth), float(job.params.get("prompt_dropout", 0.0)), **arguments)
-    for method in methods:
+    model = PromptedViT(vit, classes, **job.model_arguments(len(vit.blocks)))
+    for method in job.methods():
         method.install(model, job)
     return model
 
