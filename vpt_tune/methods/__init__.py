@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from vpt_tune.methods.base import Method, Options, SpaceEntry, StageContext
 from vpt_tune.methods.condensation import Condensation
+from vpt_tune.methods.cvpt import CVPT
 from vpt_tune.methods.e2vpt import E2VPT
 from vpt_tune.methods.spt import SPT
 from vpt_tune.methods.vfpt import VFPT
 from vpt_tune.methods.vpt import VPT
 
-METHODS: dict[str, Method] = {m.name: m for m in (VPT(), SPT(), E2VPT(), Condensation(), VFPT())}
+METHODS: dict[str, Method] = {m.name: m for m in (VPT(), SPT(), E2VPT(), Condensation(), VFPT(), CVPT())}
 MAIN_METHODS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.main)
 
 
