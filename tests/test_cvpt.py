@@ -167,23 +167,25 @@ def _cvpt_job(task_dir: str = "", **params):
                method="cvpt", params={"num_prompts": 3, "placement": "last_k", "depth": 8, "base_lr": 0.1, **params})
 
 
-def test_a_cvpt_job_builds_cross_prompts_only_and_costs_what_the_flop_counter_counts():
+@pytest.mark.parametrize("placement, first", [("last_k", 4), ("deep", 0)])
+def test_a_cvpt_job_builds_cross_prompts_only_and_costs_what_the_flop_counter_counts(placement, first):
     from vpt_tune.cost import ViTShape, prompted_cost
     from vpt_tune.train.job import build_model, expected_cost, model_cost
 
-    job = _cvpt_job()
+    job = _cvpt_job(placement=placement)
     model = build_model(job, 10).eval()
-    assert model.prompts.counts == [0] * 12 and model.cross_prompts.counts == [0] * 4 + [3] * 8
-    assert model.first_prompted_block == 4  # blocks 0-3 stay a frozen prefix (the prefix cache)
+    prompted = range(first, 12)
+    assert model.prompts.counts == [0] * 12 and model.cross_prompts.counts == [0] * first + [3] * (12 - first)
+    assert model.first_prompted_block == first  # blocks before stay a frozen prefix (the prefix cache)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"cross_prompts.tokens.{i}" for i in range(4, 12)} | {"head.weight", "head.bias"}
+    assert trainable == {f"cross_prompts.tokens.{i}" for i in prompted} | {"head.weight", "head.bias"}
     assert set(model.trainable_state()) == trainable
     expected = expected_cost(job, classes=10)
     assert expected == model_cost(model, job)
     shape = ViTShape.of(model.backbone)
     plain = prompted_cost(shape, [0] * 12, 10)
-    assert expected.prompt_tokens == 0 and expected.kv_tokens == 2 and expected.gflops > plain.gflops
-    assert expected.trainable_params == plain.trainable_params + 8 * 3 * 192
+    assert expected.prompt_tokens == 0 and expected.kv_tokens == 3 * len(prompted) / 12 and expected.gflops > plain.gflops
+    assert expected.trainable_params == plain.trainable_params + len(prompted) * 3 * 192
     for block in model.backbone.blocks:
         (getattr(block, "block", block)).attn.fused_attn = False
     with FlopCounterMode(display=False) as counter:

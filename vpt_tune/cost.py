@@ -36,7 +36,7 @@ class ViTShape:
         return cls(
             depth=len(vit.blocks),
             embed_dim=vit.embed_dim,
-            mlp_hidden=vit.blocks[0].mlp.fc1.out_features,
+            mlp_hidden=next(m.fc1.out_features for m in vit.blocks[0].modules() if hasattr(m, "fc1")),  # (wrapped too)
             patch_area=patch[0] * patch[1],
             in_chans=vit.patch_embed.proj.in_channels,
             num_patches=vit.patch_embed.num_patches,

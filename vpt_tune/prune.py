@@ -23,7 +23,6 @@ stay a fixed 0/1 mask, which removes their parameters only.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -33,7 +33,9 @@ class VFPT(Method):
     summary = "Visual Fourier Prompt Tuning: a fraction of each block's prompts enters as their 2-D FFT (real part)"
     main = True
     options = VFPTOptions
-    space = {"fourier_fraction": SpaceEntry(float, 0.5, "fraction of each block's prompts that are Fourier prompts")}
+    space = {"fourier_fraction": SpaceEntry(float, None, "fraction of each block's prompts that are Fourier prompts "
+                                                         "(null: 0.5, the authors' default)")}
+    DEFAULT_FRACTION = 0.5
 
     def check_space(self, values: dict[str, list]) -> None:
         given = values.get("fourier_fraction", [])
@@ -41,7 +43,8 @@ class VFPT(Method):
             raise ValueError(f"fourier_fraction must lie in [0, 1], got {given}")
 
     def install(self, model, job) -> None:
-        fraction = float(job.params.get("fourier_fraction", self.space["fourier_fraction"].default))
+        fraction = job.params.get("fourier_fraction")
+        fraction = self.DEFAULT_FRACTION if fraction is None else float(fraction)
         counts = [math.floor(count * fraction + 1e-9) if fresh else 0  # (0.3 * 10 = 2.9999999999999996)
                   for count, fresh in zip(model.prompts.counts, model.prompts.fresh)]
         from vpt_tune.models.fourier_prompts import FourierPrompts
