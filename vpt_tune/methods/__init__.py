@@ -11,12 +11,17 @@ from vpt_tune.methods.base import Method, Options, SpaceEntry, StageContext
 from vpt_tune.methods.condensation import Condensation
 from vpt_tune.methods.cvpt import CVPT
 from vpt_tune.methods.e2vpt import E2VPT
+from vpt_tune.methods.full import Full
+from vpt_tune.methods.linear import Linear
 from vpt_tune.methods.spt import SPT
+from vpt_tune.methods.ssf import SSF
 from vpt_tune.methods.vfpt import VFPT
 from vpt_tune.methods.vpt import VPT
 
-METHODS: dict[str, Method] = {m.name: m for m in (VPT(), SPT(), E2VPT(), Condensation(), VFPT(), CVPT())}
+METHODS: dict[str, Method] = {m.name: m for m in (VPT(), SPT(), E2VPT(), Condensation(), VFPT(), CVPT(),
+                                                  Linear(), SSF(), Full())}
 MAIN_METHODS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.main)
+REFERENCES: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.reference)
 
 
 def get_method(name: str) -> Method:
@@ -26,4 +31,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "MAIN_METHODS", "Method", "Options", "SpaceEntry", "StageContext", "get_method"]
+__all__ = ["METHODS", "MAIN_METHODS", "REFERENCES", "Method", "Options", "SpaceEntry", "StageContext", "get_method"]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,7 @@ class Options(BaseModel):
 @dataclass(frozen=True)
 class SpaceEntry:
     """An entry a method adds to the spec's ``space``: searched (a Param) or fixed of type ``kind``; ``off``
-    is the value that leaves the method out (the entry may be given so with any method)."""
+    is the value that leaves the method out (the entry may be given so, or null, with any method)."""
 
     kind: type
     default: Any = None
@@ -73,6 +73,7 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for the README and --help
     main: ClassVar[bool] = False
+    reference: ClassVar[bool] = False  # a reference point: no prompts, run by ``search.references`` on its own lr grid
     sequence_prompts: ClassVar[bool] = True  # main methods: its prompts join the sequence (add-ons work on those)
     options: ClassVar[type[Options] | None] = None
     space: ClassVar[dict[str, SpaceEntry]] = {}
@@ -85,7 +86,7 @@ class Method:
 
     def used(self, job: Job) -> bool:
         """Whether ``job`` uses this method: a main method when chosen, an add-on when :meth:`active`."""
-        return job.method == self.name if self.main else self.active(job.params)
+        return job.method == self.name if self.main or self.reference else self.active(job.params)
 
     def active(self, params: dict[str, Any]) -> bool:
         """Add-ons: whether these trial values ask for it."""
@@ -137,6 +138,24 @@ class Method:
     def run_stage(self, stage: str, context: StageContext) -> None:
         """The step of ``stage`` before its training (score, prune, condense...)."""
         raise NotImplementedError(f"{self.name} has no stage {stage!r}")
+
+
+class ReferenceOptions(Options):
+    """``base_lrs``: the base learning rates a reference point trains with, one trial each; each reference
+    method sets its own default grid (ours)."""
+
+    base_lrs: list[PositiveFloat] = Field(min_length=1)
+
+
+class Reference(Method):
+    """A reference point on a front (linear probe, SSF, full fine-tuning): no prompt joins the sequence (the
+    spec's prompt entries reach its jobs and are ignored), trained per task on its own lr grid."""
+
+    reference = True
+    options: ClassVar[type[ReferenceOptions]]
+
+    def model_arguments(self, job: Job, depth: int) -> dict[str, Any]:
+        return {"counts": [0] * depth}
 
 
 def check_fractions(values: dict[str, list], names: tuple[str, ...]) -> None:

@@ -18,7 +18,7 @@ from vpt_tune.data.splits import Batched
 from vpt_tune.models.backbone import create_backbone, normalisation
 from vpt_tune.models.placement import prompt_counts
 from vpt_tune.models.prompted_vit import PromptedViT
-from vpt_tune.methods import MAIN_METHODS, METHODS, Method, StageContext, get_method
+from vpt_tune.methods import MAIN_METHODS, METHODS, REFERENCES, Method, StageContext, get_method
 from vpt_tune.train.loop import LoopState, TrainConfig, evaluate, train
 from vpt_tune.train.prefix_cache import cached_prefix
 
@@ -53,8 +53,9 @@ class Job:
     evaluate_every_epoch: bool = True  # False: the evaluation split once, after each stage (a final retrain's test)
 
     def __post_init__(self) -> None:
-        if not get_method(self.method).main:
-            raise ValueError(f"{self.method!r} is not a method a job can use alone; choose one of {', '.join(MAIN_METHODS)}")
+        if not (get_method(self.method).main or get_method(self.method).reference):
+            raise ValueError(f"{self.method!r} is not a method a job can use alone; choose one of "
+                             f"{', '.join(MAIN_METHODS + REFERENCES)}")
         for name, given in self.options.items():
             get_method(name).options.model_validate(given)  # a ValueError naming the option
 
