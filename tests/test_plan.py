@@ -184,3 +184,12 @@ def test_plan_bad_input_is_one_line_and_exit_2():
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "--gpu v100" in result.stderr
     result = _cli("plan", "demo", "--set", "data.tasks=[mnist]")
     assert result.returncode == 2 and "mnist" in result.stderr and "data.root" in result.stderr
+
+
+def test_reference_points_count_as_trials_and_retrains():
+    plain = _plan(_spec(final={"seeds": [0, 1]})).tasks[0]
+    spec = _spec(final={"seeds": [0, 1]}, search={"trials_per_task": 4, "references": ["linear", "full"]},
+                 linear={"base_lrs": [0.1, 1.0]}, full={"base_lrs": [0.001]})
+    task = _plan(spec).tasks[0]
+    assert task.trials == plain.trials + 3 and task.final_retrains == pytest.approx(plain.final_retrains + 2 * 2)
+    assert task.search.train_macs > plain.search.train_macs and task.seconds > plain.seconds

@@ -200,3 +200,24 @@ def test_plotly_js_goes_to_a_search_run_once(tmp_path):
     tracker.log_plotly(run)
     tracker.log_plotly(run)  # a resumed search: its run has it already
     assert len(uploads) == 1 and [a.path for a in tracker.client.list_artifacts(run)] == [PLOTLY_JS]
+
+
+def test_the_summary_puts_reference_points_beside_the_fronts_and_off_them():
+    from vpt_tune.search.summary import summary_markdown, summary_table
+
+    rows = [  # svhn: two searched trials and a linear probe at two lrs (the second selected on val)
+        {"task": "svhn", "trial_id": "a", "val_acc": 0.90, "gflops": 2.0, "prompt_tokens": 8.0, "reference": ""},
+        {"task": "svhn", "trial_id": "b", "val_acc": 0.895, "gflops": 1.5, "prompt_tokens": 4.0, "reference": ""},
+        {"task": "svhn", "trial_id": "c", "val_acc": 0.95, "gflops": 1.0, "prompt_tokens": 0.0, "reference": "linear"},
+        {"task": "svhn", "trial_id": "d", "val_acc": 0.97, "gflops": 1.0, "prompt_tokens": 0.0, "reference": "linear",
+         "selected": True},
+    ]
+    table = pd.DataFrame(rows).assign(status="finished")
+    table["selected"] = table["selected"].fillna(False).astype(bool)
+    summary = summary_table(table)
+    row = summary.iloc[0]
+    assert (row["best_trial"], row["cheap_trial"]) == ("a", "b")  # the references stay off the front's points
+    assert (row["linear_acc"], row["linear_gflops"]) == (0.97, 1.0)  # the selected one
+    markdown = summary_markdown(summary)
+    assert "| linear acc % (GFLOPs) |" in markdown.splitlines()[0]
+    assert markdown.splitlines()[2].endswith("| 97.0 (1.00) |")

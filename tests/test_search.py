@@ -216,7 +216,8 @@ def test_two_trial_search_end_to_end(tmp_path, local_ray, capsys):
 
 def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
     """Two VTAB-named tasks written by the test (digits under two folder names, one with its labels
-    permuted); Pareto configs are retrained on train800val200 per seed and tested once on test."""
+    permuted); Pareto configs are retrained on train800val200 per seed and tested once on test, and so is
+    each task's linear probe (a reference point) picked on val from its two learning rates."""
     import shutil
 
     from vpt_tune.data.demo import materialise
@@ -232,24 +233,40 @@ def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
     raw["data"] = {"root": str(tmp_path / "vtab"), "tasks": ["svhn", "eurosat"]}
     raw["train"]["epochs"] = 2
     raw["space"]["placement"] = "shallow"
+    raw["search"]["references"] = ["linear"]
+    raw["linear"] = {"base_lrs": [0.05, 0.5]}
     result = run_search(validate(raw), name="final")
     table, experiment = result.table, result.experiment_dir
 
-    # Both tasks' trials ran in one Tune experiment, each task on its own Optuna study.
-    assert sorted(p.name for p in experiment.iterdir() if (p / "tuner.pkl").is_file()) == ["final1", "search"]
+    # Both tasks' trials ran in one Tune experiment, each task on its own Optuna study; the reference points in another.
+    assert sorted(p.name for p in experiment.iterdir() if (p / "tuner.pkl").is_file()) == [
+        "final1", "references1", "search"]
     journal = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal")))
     assert sorted(s.study_name for s in optuna.get_all_study_summaries(journal)) == ["eurosat", "svhn"]
-    assert sorted(table["task"]) == ["eurosat", "svhn"]
+    searched, references = table[table["reference"] == ""], table[table["reference"] != ""]
+    assert sorted(searched["task"]) == ["eurosat", "svhn"] and not references["pareto"].any()
 
-    # Every Pareto trial was retrained once per seed on the final split and tested; others were not.
+    # The linear probe of each task: both lrs, no prompts, the plain backbone's cost; the better one on val selected.
+    assert sorted(zip(references["task"], [json.loads(c)["base_lr"] for c in references["config"]])) == [
+        ("eurosat", 0.05), ("eurosat", 0.5), ("svhn", 0.05), ("svhn", 0.5)]
+    assert (references["status"] == "finished").all() and (references["prompt_tokens"] == 0).all()
+    assert (references["gflops"] < searched["gflops"].min()).all() and (references["trainable_params"] == 193 * 10).all()
+    selected = references[references["selected"]]
+    assert sorted(selected["task"]) == ["eurosat", "svhn"]
+    for row in selected.itertuples():
+        assert row.val_acc == references[references["task"] == row.task]["val_acc"].max()
+
+    # Every Pareto trial and selected reference point was retrained once per seed on the final split and tested;
+    # others were not.
     finals = pd.concat([pd.read_parquet(experiment / "tables" / f"{t}.final.parquet") for t in ("svhn", "eurosat")])
     pareto = table[table["pareto"]]
     assert sorted(zip(finals["source_trial"], finals["seed"])) == sorted(
-        (t, s) for t in pareto["trial_id"] for s in (1, 2))
+        (t, s) for t in [*pareto["trial_id"], *selected["trial_id"]] for s in (1, 2))
     assert (finals["status"] == "finished").all() and finals["test_acc"].between(0, 1).all()
     assert pareto["test_acc"].notna().all() and (pareto["test_seeds"] == 2).all()
-    assert table[~table["pareto"]]["test_acc"].isna().all()
+    assert selected["test_acc"].notna().all()
+    assert table[~table["pareto"] & ~table["selected"]]["test_acc"].isna().all()
     for row in pareto.itertuples():
         mine = finals[finals["source_trial"] == row.trial_id]["test_acc"]
         assert row.test_acc == pytest.approx(mine.mean()) and row.test_acc_std == pytest.approx(mine.std(ddof=0))
@@ -271,6 +288,8 @@ def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
         assert {"front_test_acc.html", "front_val_acc.html", "final_runs.parquet"} <= names
         assert all(r.data.tags["mlflow.parentRunId"] == run.info.run_id for r in final_runs if r.data.tags["task"] == task)
     assert {"summary.md", "summary.parquet"} <= {a.path for a in client.list_artifacts(result.parent_run_id)}
+    page = (Path(client.download_artifacts(task_runs["svhn"].info.run_id, "front_val_acc.html"))).read_text()
+    assert '"name":"linear"' in page.replace(" ", "")  # the reference point, its own trace on every front
 
     # The CLI: test_acc for final points, and the summary with group means and the VTAB-1k mean.
     capsys.readouterr()
@@ -283,8 +302,11 @@ def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
     for line in ("| svhn | test_acc |", "| eurosat | test_acc |", "| mean vtab-natural |",
                  "| mean vtab-specialized |", "| mean vtab-1k (of group means) |"):
         assert line in summary, summary
-    best = {t: 100 * table[(table["task"] == t)]["test_acc"].max() for t in ("svhn", "eurosat")}
+    best = {t: 100 * searched[(searched["task"] == t)]["test_acc"].max() for t in ("svhn", "eurosat")}
     assert f"| mean vtab-1k (of group means) |  | {(best['svhn'] + best['eurosat']) / 2:.1f} |" in summary
+    assert "linear acc % (GFLOPs) |" in summary
+    linear = selected.set_index("task")
+    assert f"{100 * linear.loc['svhn', 'test_acc']:.1f} ({linear.loc['svhn', 'gflops']:.2f}) |" in summary
 
 
 def test_demo_search_on_real_backbone_reuses_the_trained_model(tmp_path, local_ray):

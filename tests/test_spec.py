@@ -600,3 +600,26 @@ def test_every_method_section_and_space_entry_comes_from_the_registry():
     for method in METHODS.values():
         assert set(method.space) <= set(Space.model_fields), method.name
         assert (method.name in Spec.model_fields) == (method.options is not None), method.name
+
+
+def test_reference_points_are_listed_by_name_with_their_own_lr_grid():
+    base = {"name": "t", "space": {"num_prompts": {"int": [1, 8]}}}
+    spec = validate({**base, "search": {"references": ["linear", "full"]}, "full": {"base_lrs": [0.001]}})
+    assert spec.search.references == ["linear", "full"] and spec.full.base_lrs == [0.001]
+    assert spec.linear.base_lrs  # a default grid
+    with pytest.raises(SpecError, match=r"search\.references: .*unknown reference 'lora'; choose among linear, ssf, full"):
+        validate({**base, "search": {"references": ["lora"]}})
+    with pytest.raises(SpecError, match="a reference is listed twice"):
+        validate({**base, "search": {"references": ["ssf", "ssf"]}})
+    with pytest.raises(SpecError, match=r"ssf options need ssf in search\.references"):
+        validate({**base, "ssf": {"base_lrs": [0.1]}})
+
+
+@pytest.mark.parametrize("name", ["demo", "demo_asha", "demo_e2vpt", "demo_pc", "demo_vfpt", "demo_cvpt", "e2vpt",
+                                  "vtab_pc", "fgvc_pc", "vpt_grid"])
+def test_a_spec_survives_the_trip_to_its_trials(name, monkeypatch):
+    """Trial drivers validate the spec again from its JSON, every default then written out."""
+    monkeypatch.setenv("VTAB_ROOT", "/data/vtab-1k")
+    monkeypatch.setenv("FGVC_ROOT", "/data/fgvc")
+    spec = load_spec(name)
+    assert type(spec).model_validate_json(spec.model_dump_json(by_alias=True)) == spec

@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from vpt_tune.errors import UserError
-from vpt_tune.methods import MAIN_METHODS, METHODS, Options
+from vpt_tune.methods import MAIN_METHODS, METHODS, REFERENCES, Options
 from vpt_tune.models.placement import PLACEMENTS
 
 OBJECTIVES = {"val_acc": "max", "prompt_tokens": "min", "gflops": "min"}
@@ -206,6 +206,18 @@ class SearchSpec(_Strict):
     seed: int = 0
     max_concurrent_trials: int | None = Field(None, gt=0)
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    # reference points trained per task beside the search, each on its own lr grid (its section's base_lrs)
+    references: list[str] = Field(default_factory=list)
+
+    @field_validator("references")
+    @classmethod
+    def _check_references(cls, references: list[str]) -> list[str]:
+        unknown = [name for name in references if name not in REFERENCES]
+        if unknown:
+            raise ValueError(f"unknown reference {unknown[0]!r}; choose among {', '.join(REFERENCES)}")
+        if len(set(references)) < len(references):
+            raise ValueError(f"a reference is listed twice in {references}")
+        return references
 
     @field_validator("sampler")
     @classmethod
@@ -292,12 +304,16 @@ class _CoreSpec(_Strict):
                              f"of train.epochs {self.train.epochs}; lower it or set search.early_stopping.rule: off")
         chosen = METHODS[self.method]
         for method in METHODS.values():
+            if method.reference:
+                if self.method_options(method.name) != method.options() and method.name not in self.search.references:
+                    raise ValueError(f"{method.name} options need {method.name} in search.references")
+                continue
             if method.main and method is chosen or not method.main and chosen.sequence_prompts:
                 continue
             need = f"`method: {method.name}`" if method.main else f"a method whose prompts join the sequence, not {self.method}"
             for name, entry in method.space.items():
                 value = getattr(self.space, name)
-                if name in self.space.model_fields_set and (isinstance(value, Param) or value not in (None, entry.off)):
+                if isinstance(value, Param) or value not in (None, entry.off):
                     raise ValueError(f"space.{name} needs {need} (a {method.name} setting)")
             if method.options is not None and self.method_options(method.name) != method.options():
                 raise ValueError(f"{method.name} options need {need}")

@@ -26,6 +26,13 @@ from vpt_tune.train.probe import GpuMemoryError
 from vpt_tune.train.worker import DIVERGED, OUT_OF_MEMORY, RUNGS, STARTED_AT, train_worker
 
 FINAL = "final"  # config key of a final retrain (see make_job)
+REFERENCE = "reference"  # config key of a reference point's trial: the reference method (see make_job)
+REFERENCE_TRIAL = "reference_trial"  # config key wrapping a reference point's config in its Tune experiment
+
+
+def unwrap(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's own config: a final retrain's or a reference point's (each wrapped in its experiment), or as it is."""
+    return config.get(FINAL) or config.get(REFERENCE_TRIAL) or config
 # Ray Train's controller polls its workers every 2 s by default; 0.5 s ends a trial sooner
 # (bench/trial_overhead.py: search wall 121 s vs 142 s for 4 one-epoch trials on 2 cores).
 RAY_TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
@@ -33,8 +40,8 @@ DRIVER_RESOURCE = "vpt_driver"  # custom resource of the nodes that may run tria
 
 
 def trial_task(config: dict[str, Any]) -> str:
-    """The task a trial config (a search trial's or a final retrain's) trains on."""
-    return (config.get(FINAL) or config)[TASK]
+    """The task a trial config (a search trial's, a reference point's or a final retrain's) trains on."""
+    return unwrap(config)[TASK]
 
 
 def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
@@ -42,13 +49,20 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
 
     A final retrain's config is ``{FINAL: {**the Pareto trial's config, "seed": s, "source_trial": id}}``:
     it trains on the benchmark's final split with seed ``s`` and evaluates on test once, after training
-    (reported as val_acc, the accuracy on the job's evaluation split).
+    (reported as val_acc, the accuracy on the job's evaluation split). A reference point's config is
+    ``{REFERENCE: method, "base_lr": lr, TASK: task}`` (in its experiment under ``REFERENCE_TRIAL``): that
+    method, no prompts, the space's fixed weight decay (else none).
     """
     final = config.get(FINAL)
-    config = final or config
+    config = unwrap(config)
     benchmark = get_benchmark(spec.data.benchmark)
     train_split, eval_split = benchmark.final_splits if final else benchmark.search_splits
-    params = {k: config[k] for k in Space.model_fields if config.get(k) is not None}
+    if config.get(REFERENCE):
+        decay = spec.space.weight_decay if isinstance(spec.space.weight_decay, float) else 0.0
+        method, params = config[REFERENCE], {"num_prompts": 0, "placement": "deep", "base_lr": config["base_lr"],
+                                             "weight_decay": decay}
+    else:
+        method, params = spec.method, {k: config[k] for k in Space.model_fields if config.get(k) is not None}
     return Job(
         model=spec.backbone.model,
         weights=spec.backbone.weights,
@@ -63,7 +77,7 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
         warmup_epochs=spec.train.warmup_epochs,
         optimizer=spec.train.optimizer,
         seed=final["seed"] if final else spec.train.seed,
-        method=spec.method,
+        method=method,
         options=spec.job_options(),
         prefix_cache=spec.train.prefix_cache,
         evaluate_every_epoch=not final,  # the papers' protocol tests once, after training
@@ -101,7 +115,7 @@ def run_trial(
     job = make_job(spec, task_dirs[trial_task(config)], config)
     res = spec.resources
     trial_name = tune.get_context().get_trial_name()
-    rungs = [] if FINAL in config else spec.search.early_stopping.rungs(spec.train.epochs)
+    rungs = [] if FINAL in config or REFERENCE_TRIAL in config else spec.search.early_stopping.rungs(spec.train.epochs)
     decisions = Path(train_storage, trial_name, "rung_decisions", uuid.uuid4().hex)
     trainer = TorchTrainer(
         train_worker,

@@ -59,9 +59,24 @@ def crowding_distance(costs: np.ndarray) -> np.ndarray:
     return distance
 
 
-def front_figure(table: pd.DataFrame, cost: str, title: str, accuracy: str = "val_acc"):
+# Markers of the reference points (linear probe, SSF, full fine-tuning...), in the order they are listed
+REFERENCE_SYMBOLS = (("square", "s"), ("diamond", "D"), ("star", "*"), ("triangle-up", "^"))
+
+
+def _by_reference(references: pd.DataFrame | None) -> list[tuple[str, pd.DataFrame, tuple[str, str]]]:
+    """(name, rows, (plotly symbol, matplotlib marker)) of each reference method among ``references``."""
+    if references is None or references.empty:
+        return []
+    names = list(dict.fromkeys(references["reference"]))
+    return [(name, references[references["reference"] == name], REFERENCE_SYMBOLS[i % len(REFERENCE_SYMBOLS)])
+            for i, name in enumerate(names)]
+
+
+def front_figure(table: pd.DataFrame, cost: str, title: str, accuracy: str = "val_acc",
+                 references: pd.DataFrame | None = None):
     """Interactive plotly scatter of ``accuracy`` vs ``cost``: the 2-D front joined by its steps, dominated
-    points lighter but readable, and a note that the plot projects a 3-objective front.
+    points lighter but readable, each reference point (``references``: linear probe, SSF, full fine-tuning)
+    with its own marker, and a note that the plot projects a 3-objective front.
 
     Hovering a point shows its trial id, its three objectives and its config, one per line.
     """
@@ -76,6 +91,11 @@ def front_figure(table: pd.DataFrame, cost: str, title: str, accuracy: str = "va
             line={"shape": "hv"}, text=[_hover(row, accuracy) for row in part.to_dict("records")],
             hovertemplate="%{text}<extra></extra>",
         ))
+    for name, rows, (symbol, _) in _by_reference(references):
+        fig.add_trace(go.Scatter(
+            x=rows[cost], y=rows[accuracy], name=name, mode="markers", marker={"symbol": symbol, "size": 12},
+            text=[_hover(row, accuracy) for row in rows.to_dict("records")], hovertemplate="%{text}<extra></extra>",
+        ))
     others = " and ".join(c for c in OBJECTIVES if c not in (accuracy, cost, "val_acc"))
     fig.add_annotation(  # the table's `pareto` flag is the 3-objective front: a point can be on it but not here
         text=f"a 2-D view of a 3-objective front: a point dominated here may be optimal in {others}",
@@ -86,7 +106,7 @@ def front_figure(table: pd.DataFrame, cost: str, title: str, accuracy: str = "va
 
 
 def front_page(table: pd.DataFrame, costs: tuple[str, ...], title: str, accuracy: str,
-               plotly_sources: list[tuple[str, str]]) -> str:
+               plotly_sources: list[tuple[str, str]], references: pd.DataFrame | None = None) -> str:
     """One HTML page with the ``accuracy``-vs-cost front of each of ``costs``, without plotly.js: it loads
     plotly.js once, from the first of ``plotly_sources`` that answers, so the page stays a few KB (plotly.js
     is 4.6 MB) and works offline.
@@ -97,8 +117,9 @@ def front_page(table: pd.DataFrame, costs: tuple[str, ...], title: str, accuracy
     """
     import plotly.io
 
-    figures = [json.loads(plotly.io.to_json(front_figure(table, cost, f"{title}: {accuracy} vs {cost}", accuracy),
-                                            validate=False)) for cost in costs]
+    figures = [json.loads(plotly.io.to_json(
+        front_figure(table, cost, f"{title}: {accuracy} vs {cost}", accuracy, references), validate=False))
+        for cost in costs]
     data = json.dumps({"figures": figures, "sources": plotly_sources}).replace("<", "\\u003c")  # stays in its <script>
     return _PAGE.replace("$TITLE", html.escape(f"{title}: {accuracy} fronts")).replace("$DATA", data)
 
@@ -157,7 +178,8 @@ def _hover(row: dict, accuracy: str) -> str:
     return "<br>".join(lines)
 
 
-def front_png(table: pd.DataFrame, cost: str, title: str, path: Path, accuracy: str = "val_acc") -> None:
+def front_png(table: pd.DataFrame, cost: str, title: str, path: Path, accuracy: str = "val_acc",
+              references: pd.DataFrame | None = None) -> None:
     """Static PNG of the same front (matplotlib: plotly's PNG export needs a browser)."""
     import matplotlib
 
@@ -169,6 +191,8 @@ def front_png(table: pd.DataFrame, cost: str, title: str, path: Path, accuracy: 
     ax.scatter(table[cost][~front2d], table[accuracy][~front2d], color="grey", alpha=0.4, label="dominated")
     front = table[front2d].sort_values(cost)
     ax.step(front[cost], front[accuracy], where="post", marker="o", color="tab:red", label="Pareto front")
+    for name, rows, (_, marker) in _by_reference(references):
+        ax.scatter(rows[cost], rows[accuracy], marker=marker, s=70, label=name)
     ax.set(xlabel=cost, ylabel=accuracy, title=title)
     ax.legend()
     fig.tight_layout()

@@ -35,7 +35,8 @@ from vpt_tune.data.benchmarks import expand_tasks, find_task_dir, get_benchmark
 from vpt_tune.data.demo import DEMO_CLASSES, DEMO_SIZES
 from vpt_tune.data.tasks import TaskSize, task_size
 from vpt_tune.errors import UserError
-from vpt_tune.search.driver import FINAL, make_job
+from vpt_tune.search.driver import FINAL, REFERENCE, REFERENCE_TRIAL, make_job
+from vpt_tune.search.router import TASK
 from vpt_tune.search.space import sample_configs
 from vpt_tune.spec import Spec
 from vpt_tune.train.job import Job, expected_cost
@@ -99,7 +100,7 @@ class TaskPlan:
     eval_images: int
     search: Work  # all trials, expected with early stopping
     search_most: Work  # all trials, none stopped
-    final_retrains: float  # expected front size x seeds
+    final_retrains: float  # expected front size x seeds (+ the reference points x seeds)
     final: Work
     seconds: float  # trial-seconds (one trial's wall time, summed), expected
     seconds_most: float
@@ -186,7 +187,7 @@ def epoch_work(forward: float, prefix: float, images: tuple[int, int], cached: b
 def trial_work(job: Job, shape: ViTShape, classes: int, images: tuple[int, int], rungs: Sequence[int] = (),
                reduction_factor: int = 3, cached: bool = True) -> tuple[Work, Work]:
     """The work of one trial of ``job``: expected under early stopping at ``rungs``, and the most."""
-    counts = job.counts(shape.depth)
+    counts = job.model_arguments(shape.depth)["counts"]  # in the sequence
     first = min([next((i for i, count in enumerate(counts) if count), shape.depth)]
                 + [method.first_block(job, shape.depth) for method in job.methods()])  # the first block that trains
     cached = cached and first > 0
@@ -325,15 +326,28 @@ def make_plan(spec: Spec, task_dirs: dict[str, Path | None], at_once: int, gpu: 
         final_jobs = [make_job(spec, "", {FINAL: {**c, "seed": 0}}) for c in configs]
         final = Work.mean([trial_work(j, shape, size.classes, final_images, cached=cached)[1] for j in final_jobs])
         trials = spec.search.trials_per_task
+        search_work, search_most, final_work = expected * trials, most * trials, final * retrains
+        for name in spec.search.references:  # every lr of its grid, then its selected trial's retrains
+            for lr in spec.method_options(name).base_lrs:
+                config = {TASK: task, REFERENCE: name, "base_lr": lr}
+                work = trial_work(make_job(spec, str(task_dirs[task] or task), {REFERENCE_TRIAL: config}), shape,
+                                  size.classes, search_images, cached=cached)[1]
+                search_work, search_most, trials = search_work + work, search_most + work, trials + 1
+            job = make_job(spec, "", {FINAL: {**config, "seed": 0}})
+            final_work += trial_work(job, shape, size.classes, final_images, cached=cached)[1] * len(spec.final.seeds)
+            retrains += len(spec.final.seeds)
         overhead = TRIAL_OVERHEAD_S * (trials + retrains)
         tasks.append(TaskPlan(
-            task, trials, search_images[0], search_images[1], expected * trials, most * trials, retrains,
-            final * retrains,
-            overhead + speed.seconds(expected * trials) + speed.seconds(final * retrains),
-            overhead + speed.seconds(most * trials) + speed.seconds(final * retrains),
+            task, trials, search_images[0], search_images[1], search_work, search_most, retrains, final_work,
+            overhead + speed.seconds(search_work) + speed.seconds(final_work),
+            overhead + speed.seconds(search_most) + speed.seconds(final_work),
         ))
     if spec.final.seeds:
         assumptions.append("final retrains: the expected front of independent objectives x seeds")
+    if spec.search.references:
+        lrs = sum(len(spec.method_options(name).base_lrs) for name in spec.search.references)
+        assumptions.append(f"trials include {lrs} of the reference points ({', '.join(spec.search.references)}) "
+                           "per task, each retrained once per final seed")
     return Plan(spec.name, spec.backbone.model, spec.backbone.img_size, tasks, at_once, "GPU" if uses_gpu else "CPU",
                 (res.gpus or 1.0 if uses_gpu else res.cpus_per_worker) * res.workers_per_trial, speed,
                 assumptions)

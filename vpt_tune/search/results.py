@@ -38,6 +38,20 @@ SHORT_KEYS = {
 }
 
 
+REFERENCE_COLUMN = "reference"  # a reference point's method (linear, ssf, full); "" for the search's trials
+SELECTED_COLUMN = "selected"  # a reference point's trial picked on val accuracy (its method's best lr)
+
+
+def search_trials(table: pd.DataFrame) -> pd.DataFrame:
+    """The search's own trials: the rows that are not reference points (all rows of an older table)."""
+    return table[table[REFERENCE_COLUMN].fillna("") == ""] if REFERENCE_COLUMN in table else table
+
+
+def selected_references(table: pd.DataFrame) -> pd.DataFrame:
+    """The reference points' selected trials (one per task and reference method)."""
+    return table[table[SELECTED_COLUMN].fillna(False).astype(bool)] if SELECTED_COLUMN in table else table.iloc[:0]
+
+
 def experiment_relative(path: str) -> str:
     """A Train checkpoint path relative to its experiment folder (``train_runs/<run>/<checkpoint>``), from
     the absolute path Ray Train reports: the part from the experiment's ``train_runs`` folder on. Relative

@@ -44,13 +44,16 @@ from vpt_tune.data.benchmarks import expand_tasks, find_task_dir, get_benchmark
 from vpt_tune.data.tasks import decode_task_split, task_classes
 from vpt_tune.errors import SearchInterrupted
 from vpt_tune.models.backbone import ModelError, check_weights
-from vpt_tune.search.driver import DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, run_trial, trial_resources, trial_task
+from vpt_tune.search.driver import (
+    DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, REFERENCE, REFERENCE_TRIAL, run_trial, trial_resources, trial_task, unwrap,
+)
 from vpt_tune.search.packing import probe_on_a_gpu, resolve_gpus
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.plan import make_plan, plan_lines, trials_at_once
 from vpt_tune.search.router import TASK, TaskRouter
 from vpt_tune.search.results import (
-    METRIC_COLUMNS, PROMPTS_ARTIFACT, STATE_FILE, STOPPED_AT, TABLE_FILE, TRAIN_RUNS, experiment_relative, read_table,
+    METRIC_COLUMNS, PROMPTS_ARTIFACT, REFERENCE_COLUMN, SELECTED_COLUMN, STATE_FILE, STOPPED_AT, TABLE_FILE, TRAIN_RUNS,
+    experiment_relative, read_table, search_trials,
 )
 from vpt_tune.search.scheduler import RungJudge, Rungs, StudySearch
 from vpt_tune.search.space import DefineByRun, make_sampler
@@ -324,23 +327,24 @@ def trial_status(result: tune.Result) -> str:
 
 
 def trial_ref(result: tune.Result) -> tuple[str, str]:
-    """A search trial's or final retrain's (task, trial id)."""
+    """A search trial's, reference point's or final retrain's (task, trial id)."""
     config = result.config or {}
-    task = config[FINAL][TASK] if FINAL in config else config[TASK]
-    return task, (result.metrics or {}).get("trial_id") or Path(result.path).name
+    return trial_task(config), (result.metrics or {}).get("trial_id") or Path(result.path).name
 
 
 def results_table(grids: list[tune.ResultGrid], run_of: RunOf) -> pd.DataFrame:
     """One row per search trial of ``grids``: task, ids, status, config (JSON), metrics, MLflow run id;
-    the ``pareto`` flag marks each task's front (finished trials only)."""
+    the ``pareto`` flag marks each task's front (finished search trials only); a reference point's trial names
+    its method in ``reference`` and, if it is its method's most accurate on the task, is ``selected``."""
     rows = []
     for result in (r for grid in grids for r in grid):
         metrics = result.metrics or {}
         task, trial_id = trial_ref(result)
-        config = {k: v for k, v in (result.config or {}).items() if k != TASK}
+        config = {k: v for k, v in unwrap(result.config or {}).items() if k != TASK}
         rows.append({
             "task": task,
             "trial_id": trial_id,
+            REFERENCE_COLUMN: config.get(REFERENCE, ""),
             "status": trial_status(result),
             "error": error_summary(str(result.error)) if result.error else "",
             "config": json.dumps(config, sort_keys=True),
@@ -351,10 +355,12 @@ def results_table(grids: list[tune.ResultGrid], run_of: RunOf) -> pd.DataFrame:
             "reused_base_from": metrics.get(REUSED_BASE) or "",
         })
     table = pd.DataFrame(rows)
-    table["pareto"] = False
-    for _, rows_of_task in table.groupby("task", sort=False):
-        finished = rows_of_task[rows_of_task["status"] == "finished"]
-        table.loc[finished.index, "pareto"] = pareto_mask(finished)
+    table["pareto"] = table[SELECTED_COLUMN] = False
+    finished = table[(table["status"] == "finished") & table["val_acc"].notna()]
+    for _, rows_of_task in search_trials(finished).groupby("task", sort=False):
+        table.loc[rows_of_task.index, "pareto"] = pareto_mask(rows_of_task)
+    references = finished[finished[REFERENCE_COLUMN] != ""]
+    table.loc[references.groupby(["task", REFERENCE_COLUMN])["val_acc"].idxmax().values, SELECTED_COLUMN] = True
     return table
 
 
@@ -385,7 +391,7 @@ def with_test_results(table: pd.DataFrame, finals: pd.DataFrame) -> pd.DataFrame
         test_seeds=table["trial_id"].map(tested.count()).fillna(0).astype(int),
         test_pareto=False,
     )
-    for _, rows_of_task in table[table["test_acc"].notna()].groupby("task", sort=False):
+    for _, rows_of_task in search_trials(table[table["test_acc"].notna()]).groupby("task", sort=False):
         table.loc[rows_of_task.index, "test_pareto"] = pareto_mask(rows_of_task, TEST_OBJECTIVES)
     return table
 
@@ -543,7 +549,10 @@ class Search:
         tables = self.experiment_dir / "tables"
         done_before = {task: read_table(tables / f"{task}.parquet") for task in self.tasks
                        if (tables / f"{task}.parquet").is_file()}
-        if len(done_before) == len(self.tasks) and all(len(t) >= budget for t in done_before.values()):
+        references = len(self._reference_configs()) // len(self.tasks)  # per task
+        if len(done_before) == len(self.tasks) and all(len(search_trials(t)) >= budget
+                                                       and len(t) - len(search_trials(t)) >= references
+                                                       for t in done_before.values()):
             return pd.concat(done_before.values(), ignore_index=True)  # finished before the interruption
         for run_id in self.task_runs.values():
             self.tracker.reopen(run_id)
@@ -559,6 +568,7 @@ class Search:
             if todo:
                 self._fit(self._tuner(todo, done, parallel, len(grids)), grids, total)
             self._fail_orphans()  # not after a Ctrl-C: its stopped trials are still running in their studies
+            self._references(grids, parallel)
             table = results_table(grids, self._run_of)
             finals = self._final(table, parallel) if self.spec.final.seeds else None
         except BaseException as err:
@@ -598,7 +608,7 @@ class Search:
     def _restore(self, kind: str, grids: list[tune.ResultGrid], total: int) -> None:
         """Restore and finish the Tune experiments so far, appending their grids to ``grids``: the search's
         ``search``, ``search.more1``, ..., or with ``kind="final"`` the final retrains' ``final1``, ..."""
-        names = [f"final{i}" for i in range(1, 100)] if kind == "final" else \
+        names = [f"{kind}{i}" for i in range(1, 100)] if kind in ("final", "references") else \
             ["search"] + [f"search.more{i}" for i in range(1, 100)]
         for path in (self.experiment_dir / n for n in names):
             if path.is_dir() and tune.Tuner.can_restore(str(path)):
@@ -637,7 +647,7 @@ class Search:
         Retrains of an interrupted search are restored; Pareto trials new since (an extended search) get
         a further experiment; each (trial, seed) runs once.
         """
-        pareto = table[table["pareto"]]
+        pareto = table[table["pareto"] | table[SELECTED_COLUMN]]  # with the reference points picked on val
         total = len(pareto) * len(self.spec.final.seeds)
         grids: list[tune.ResultGrid] = []
         self._restore("final", grids, total)
@@ -662,6 +672,35 @@ class Search:
                 ),
             ), grids, total)
         return final_table(grids, self._run_of)
+
+    def _reference_configs(self) -> list[dict]:
+        """Every reference point's trial of the search: per task, per reference, per lr of its grid."""
+        return [{TASK: task, REFERENCE: name, "base_lr": lr} for task in self.tasks for name in self.spec.search.references
+                for lr in self.spec.method_options(name).base_lrs]
+
+    def _references(self, grids: list[tune.ResultGrid], parallel: int) -> None:
+        """Train the reference points (``search.references``) of every task, each on its own lr grid, in their own
+        Tune experiments (``references1``, ...: restored when interrupted), appending their grids to ``grids``."""
+        configs = self._reference_configs()
+        if not configs:
+            return
+        found: list[tune.ResultGrid] = []
+        self._restore("references", found, len(configs))
+        done = {tuple(unwrap(r.config)[k] for k in (TASK, REFERENCE, "base_lr")) for grid in found for r in grid}
+        todo = [c for c in configs if (c[TASK], c[REFERENCE], c["base_lr"]) not in done]
+        if todo:
+            log.info("reference points: %d trial(s) of %s", len(todo), ", ".join(self.spec.search.references))
+            totals = pd.Series([c[TASK] for c in todo]).value_counts().to_dict()
+            self._fit(tune.Tuner(
+                self._trainable(),
+                param_space={REFERENCE_TRIAL: tune.grid_search(todo)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=parallel, reuse_actors=REUSE_TRIAL_ACTORS),
+                run_config=tune.RunConfig(
+                    name=f"references{len(found) + 1}", storage_path=str(self.experiment_dir), verbose=0,
+                    callbacks=[TrialLogger(self.tracker, self.task_runs), ProgressPrinter(totals, {}, label=" reference")],
+                ),
+            ), found, len(configs))
+        grids.extend(found)
 
     def _trainable(self):
         return tune.with_resources(

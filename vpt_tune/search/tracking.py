@@ -20,9 +20,11 @@ from ray import tune
 
 from vpt_tune.search.hypervolume import box_volume, hypervolume_history, reference_point
 from vpt_tune.search.pareto import front_page, front_png
-from vpt_tune.search.driver import FINAL, trial_task
+from vpt_tune.search.driver import FINAL, trial_task, unwrap
 from vpt_tune.search.router import TASK
-from vpt_tune.search.results import COST_METRICS, EPOCH_METRICS, MLFLOW_RUN_ID, STOPPED_AT, short_config
+from vpt_tune.search.results import (
+    COST_METRICS, EPOCH_METRICS, MLFLOW_RUN_ID, STOPPED_AT, search_trials, selected_references, short_config,
+)
 from vpt_tune.train.worker import NODE, REUSED_BASE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
@@ -139,11 +141,13 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             finished = table[(table["status"] == "finished") & table[accuracy].notna()]
-            page = front_page(finished, FRONT_COSTS, title, accuracy, sources)
+            references = selected_references(finished)
+            finished = search_trials(finished)
+            page = front_page(finished, FRONT_COSTS, title, accuracy, sources, references)
             (out / f"front_{accuracy}.html").write_text(page, encoding="utf-8")
             for cost in FRONT_COSTS:
                 front_png(finished, cost, f"{title}: {accuracy} vs {cost}", out / f"front_{accuracy}_vs_{cost}.png",
-                          accuracy)
+                          accuracy, references)
             if table_name:
                 _write_table(table, out, table_name)
             for run_id, artifact_path in destinations:
@@ -161,7 +165,7 @@ class Tracker:
         protocol), and ``hypervolume``: after each finished trial (in the order trials were created; the
         trial count is the step), as a fraction of the box between the task's ideal point and its reference
         (the worst values + 10 % of their range), so in [0, 1] and comparable across tasks and searches."""
-        finished = table[table["status"] == "finished"].reset_index(drop=True)
+        finished = search_trials(table[table["status"] == "finished"]).reset_index(drop=True)
         values = [("finished_trials", len(finished), 0)]
         if not finished.empty:
             reference = reference_point(finished)
@@ -198,7 +202,7 @@ class TrialLogger(tune.Callback):
             task_run = self.task_runs[task]
             run_id = self.tracker.child_run(task_run, "trial_id", trial.trial_id)
             if run_id is None:
-                config = {k: v for k, v in trial.config.items() if k != TASK}
+                config = {k: v for k, v in unwrap(trial.config).items() if k != TASK}
                 tags = {"task": task, "trial_id": trial.trial_id}
                 if self.final:
                     final = trial.config[FINAL]
