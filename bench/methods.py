@@ -1,6 +1,8 @@
 """The papers' comparison on the demo: VPT with T prompts, VPT trained directly with the condensed
 count, Prompt Condensation from T to that count, E²VPT (without pruning, and pruned with the authors'
-and with our scoring and rewind: ``e2vpt.prune_scoring``), SPT init.
+and with our scoring and rewind: ``e2vpt.prune_scoring``), SPT init, VFPT and CVPT with the condensed
+count, and the reference points: linear probe, SSF and full fine-tuning (each at the middle lr of its
+default grid, the prompt methods at ``--base-lr``).
 
 Every method trains the same demo backbone on the same demo task for the same total number of
 epochs (PC: training + condensation fine-tuning; E²VPT pruning: training + retraining), over
@@ -21,6 +23,7 @@ import torch
 
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
+from vpt_tune.methods import METHODS
 from vpt_tune.train.job import Job, run
 
 CPU = torch.device("cpu")
@@ -37,6 +40,10 @@ def methods(prompts: int, keep: int, epochs: int) -> dict[str, dict]:
             {"num_prompts": prompts, "condensation_ratio": ratio}, {"epochs": epochs - 1, "options": {"condensation": {"epochs": 1}}}),
         f"SPT init T={keep}": ({"num_prompts": keep, "prompt_init": "spt_random"}, {}),
         f"E2VPT T={keep} kv={keep}": ({"num_prompts": keep, "kv_prompts": keep}, {"method": "e2vpt"}),
+        f"VFPT T={keep} fourier 0.5": ({"num_prompts": keep, "fourier_fraction": 0.5}, {"method": "vfpt"}),
+        f"CVPT P={keep}": ({"num_prompts": keep}, {"method": "cvpt"}),
+        **{name: ({"num_prompts": 0, "base_lr": METHODS[method].options().base_lrs[1]}, {"method": method})
+           for name, method in (("linear probe", "linear"), ("SSF", "ssf"), ("full fine-tuning", "full"))},
         **{f"E2VPT T={prompts} kv={keep} pruned->{keep} {scoring}": (
             pruned, {"epochs": epochs - 1, "method": "e2vpt",
                      "options": {"e2vpt": {"prune_epochs": 1, "prune_scoring": scoring}}})
