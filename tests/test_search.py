@@ -316,6 +316,7 @@ def test_demo_search_on_real_backbone_reuses_the_trained_model(tmp_path, local_r
         "demo",
         [
             "search.trials_per_task=2",
+            "search.references=[]",
             "search.sampler=grid",
             "search.max_concurrent_trials=1",
             "train.epochs=1",

@@ -346,8 +346,7 @@ def make_plan(spec: Spec, task_dirs: dict[str, Path | None], at_once: int, gpu: 
         assumptions.append("final retrains: the expected front of independent objectives x seeds")
     if spec.search.references:
         lrs = sum(len(spec.method_options(name).base_lrs) for name in spec.search.references)
-        assumptions.append(f"trials include {lrs} of the reference points ({', '.join(spec.search.references)}) "
-                           "per task, each retrained once per final seed")
+        assumptions.append(f"trials include {lrs} per task of the reference points ({', '.join(spec.search.references)})")
     return Plan(spec.name, spec.backbone.model, spec.backbone.img_size, tasks, at_once, "GPU" if uses_gpu else "CPU",
                 (res.gpus or 1.0 if uses_gpu else res.cpus_per_worker) * res.workers_per_trial, speed,
                 assumptions)

@@ -1,5 +1,5 @@
 """Runs a search: checks the spec's inputs, then one Ray Tune experiment over every task, each task
-driven by its own Optuna study, then the final retrains.
+driven by its own Optuna study, then the reference points, then the final retrains.
 
 Layout of an experiment directory ``<storage>/<name>/``::
 
@@ -8,11 +8,13 @@ Layout of an experiment directory ``<storage>/<name>/``::
     optuna.journal       every task's Optuna study (one study per task, named after it)
     search/              the Tune experiment of every task's trials (trial states, results); search.more1,
                          ... hold the trials added by `vpt-tune resume --set search.trials_per_task=N`
-    final1/              the final retrains of the Pareto configs (with ``final.seeds``); final2, ...
+    references1/         the reference points' trials (with ``search.references``); references2, ... after a resume
+    final1/              the final retrains of the Pareto configs and selected references (``final.seeds``); final2, ...
     train_runs/          the Ray Train run of each trial (epoch checkpoints: prompts, head, optimiser)
     base_models/         trained models before condensation, reused by trials differing only there
     tables/<task>.parquet  a finished task's trial table (<task>.final.parquet: its final retrains)
-    trials.parquet       one row per trial of every task, with its metrics and `pareto` flag
+    trials.parquet       one row per trial of every task, with its metrics, `pareto` flag and (a reference
+                         point's) `reference` and `selected`
 """
 
 from __future__ import annotations
