@@ -152,7 +152,7 @@ def test_a_measured_plan_of_the_demo_fits_the_terminal():
     assert result.speed.source.startswith("measured on cpu") and result.speed.train_macs_per_s > 0
     lines = plan.plan_lines(result)
     assert all(len(line) < 100 for line in lines), lines
-    assert lines[2].split()[:2] == ["digits", "11"]  # 8 trials and 3 reference points
+    assert lines[2].split()[:2] == ["digits", "10"]  # 8 trials and 2 reference points
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
