@@ -40,7 +40,6 @@ class CVPT(Method):
         prompted = sum(1 for count in counts if count)
         bound = math.sqrt(6 / ((max(counts) + prompted) * vit.embed_dim)) if prompted else 0.0
         model.cross_prompts = add_cross_prompts(vit, counts, bound)
-        model.first_changed_block = min(model.first_changed_block, self.first_block(job, len(vit.blocks)))
 
     def cost_terms(self, job, shape, counts, fresh):
         return _terms(shape, job.counts(shape.depth))

@@ -34,7 +34,6 @@ class Full(Reference):
     def install(self, model, job) -> None:
         for param in model.backbone.parameters():
             param.requires_grad_(True)
-        model.first_changed_block = 0  # the patch embedding trains too
 
     def cost_terms(self, job, shape, counts, fresh):
         from vpt_tune.models.backbone import architecture

@@ -35,7 +35,6 @@ class SSF(Reference):
         from vpt_tune.models.ssf import add_ssf
 
         add_ssf(model.backbone)  # trainable pairs inside the frozen backbone: trainable_state keeps them
-        model.first_changed_block = 0  # the patch embedding is scaled too
 
     def cost_terms(self, job, shape, counts, fresh):
         from vpt_tune.models.backbone import architecture

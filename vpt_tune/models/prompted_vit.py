@@ -25,7 +25,8 @@ class PromptedViT(nn.Module):
     Methods may add ``prompt_transforms`` (by method name): modules called as ``transform(block, prompts)``
     on each block's fresh prompts (B, T, D) before they join the sequence, with ``keep_(kept)`` called when
     only the prompts ``kept`` (sorted indices per block) stay (condensation, pruning); e.g. VFPT's. A method
-    that changes blocks itself (CVPT's cross-attention, SSF, full fine-tuning) lowers ``first_changed_block``.
+    that changes blocks itself (CVPT's cross-attention, SSF, full fine-tuning) lowers ``first_changed_block``
+    (a job's model: set from its methods' ``first_block``).
     """
 
     def __init__(

@@ -157,9 +157,11 @@ def build_model(job: Job, classes: int, weights: str | None = None) -> PromptedV
     file to load instead of the job's own ``weights`` setting), its methods installed."""
     torch.manual_seed(job.seed)  # prompt and head initialisation
     vit = create_backbone(job.model, weights or resolve_weights(job.weights), job.img_size)
-    model = PromptedViT(vit, classes, **job.model_arguments(len(vit.blocks)))
+    depth = len(vit.blocks)
+    model = PromptedViT(vit, classes, **job.model_arguments(depth))
     for method in job.methods():
         method.install(model, job)
+    model.first_changed_block = min([depth] + [method.first_block(job, depth) for method in job.methods()])
     return model
 
 
