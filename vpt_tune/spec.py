@@ -234,6 +234,9 @@ class ResourcesSpec(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     # auto: GPUs shared by as many trials as fit their measured memory (vpt_tune.search.packing), CPU without GPUs
     gpus_per_worker: Annotated[float, Field(ge=0)] | Literal["auto"] = 0.0
+    # true: trials run one after another on long-lived worker groups, one per trial at a time (see
+    # vpt_tune.search.slots); false: each trial starts a Ray Train run of its own (a fresh process per trial)
+    slots: bool = True
 
     @property
     def gpus(self) -> float:

@@ -1,7 +1,8 @@
-"""The per-trial Tune function: turns a sampled config into a Ray Train job and runs it.
+"""The per-trial Tune function: turns a sampled config into a training job and runs it on Ray Train workers
+(a slot's, or a TorchTrainer run of the trial's own).
 
-The trial itself holds no CPU (see :func:`trial_resources`): its Train workers hold them, so a
-trial never starves its own workers on a small machine.
+The trial itself holds no CPU (see :func:`trial_resources`): Train workers hold them, so a trial never
+starves its workers on a small machine.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -19,6 +21,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from vpt_tune.data.benchmarks import get_benchmark
 from vpt_tune.search.router import TASK
+from vpt_tune.search.slots import relay
 from vpt_tune.spec import Space, Spec
 from vpt_tune.train.job import Job, expected_cost
 from vpt_tune.train.loop import DivergenceError
@@ -96,14 +99,15 @@ def trial_resources(driver_resource: str | None = None) -> tune.PlacementGroupFa
 
 
 def run_trial(
-    config: dict[str, Any], spec_json: str, task_dirs: dict[str, str], train_storage: str, base_store: str
+    config: dict[str, Any], spec_json: str, task_dirs: dict[str, str], train_storage: str, base_store: str,
+    pool: ray.actor.ActorHandle | None = None,
 ) -> None:
-    """Tune function trainable: one trial = one TorchTrainer run named after the trial, on the folder
-    ``task_dirs`` gives for the config's task.
+    """Tune function trainable: one trial on the folder ``task_dirs`` gives for the config's task, on one of the
+    search's slots (``pool``: see :mod:`vpt_tune.search.slots`) or, without one, on a TorchTrainer run of its own.
 
-    A restarted trial (a resumed search) builds the same Train run name, so Ray Train continues it
-    from its latest checkpoint; a killed worker or lost node restarts the worker group from there, up
-    to ``train.max_failures`` times. A diverged loss is not retried (it would diverge again): the
+    A restarted trial (a resumed search) continues from its latest epoch checkpoint, which both keep under
+    the trial's name in ``train_storage``; a killed worker or lost node restarts the worker group from there,
+    up to ``train.max_failures`` times. A diverged loss is not retried (it would diverge again): the
     worker reports it and the trial fails with :class:`DivergenceError`; so does running out of GPU memory
     (:class:`GpuMemoryError`, saying what to set), and the search goes on.
 
@@ -117,30 +121,34 @@ def run_trial(
     trial_name = tune.get_context().get_trial_name()
     rungs = [] if FINAL in config or REFERENCE_TRIAL in config else spec.search.early_stopping.rungs(spec.train.epochs)
     decisions = Path(train_storage, trial_name, "rung_decisions", uuid.uuid4().hex)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "job": asdict(job),
-            "report": expected_cost(job).as_dict(),  # judged on its final cost while it trains
-            "threads": res.cpus_per_worker,
-            "gpus_per_worker": res.gpus,
-            "checkpoint_every": spec.train.checkpoint_every,
-            "base_store": base_store if spec.train.reuse_base else None,
-            STARTED_AT: time.time(),
-            RUNGS: {"epochs": rungs, "folder": str(decisions)},
-        },
-        scaling_config=ScalingConfig(
-            num_workers=res.workers_per_trial, use_gpu=res.gpus > 0, resources_per_worker=res.per_worker()
-        ),
-        run_config=RunConfig(
-            name=trial_name,
-            storage_path=train_storage,
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=spec.train.max_failures),
-        ),
-    )
-    result = trainer.fit()
+    trial_config = {
+        "job": asdict(job),
+        "report": expected_cost(job).as_dict(),  # judged on its final cost while it trains
+        "threads": res.cpus_per_worker,
+        "gpus_per_worker": res.gpus,
+        "checkpoint_every": spec.train.checkpoint_every,
+        "base_store": base_store if spec.train.reuse_base else None,
+        STARTED_AT: time.time(),
+        RUNGS: {"epochs": rungs, "folder": str(decisions)},
+    }
+    if pool is not None:
+        metrics = relay(pool, trial_name, trial_config, str(Path(train_storage, trial_name)))
+    else:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config=trial_config,
+            scaling_config=ScalingConfig(
+                num_workers=res.workers_per_trial, use_gpu=res.gpus > 0, resources_per_worker=res.per_worker()
+            ),
+            run_config=RunConfig(
+                name=trial_name,
+                storage_path=train_storage,
+                callbacks=[TuneReportCallback()],
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            ),
+        )
+        metrics = trainer.fit().metrics or {}
     for key, error in ((DIVERGED, DivergenceError), (OUT_OF_MEMORY, GpuMemoryError)):
-        if result.metrics and result.metrics.get(key):
-            raise error(result.metrics[key])
+        if metrics.get(key):
+            raise error(metrics[key])

@@ -10,7 +10,8 @@ Layout of an experiment directory ``<storage>/<name>/``::
                          ... hold the trials added by `vpt-tune resume --set search.trials_per_task=N`
     references1/         the reference points' trials (with ``search.references``); references2, ... after a resume
     final1/              the final retrains of the Pareto configs and selected references (``final.seeds``); final2, ...
-    train_runs/          the Ray Train run of each trial (epoch checkpoints: prompts, head, optimiser)
+    train_runs/          each trial's epoch checkpoints (prompts, head, optimiser), in a folder named after it
+    slots/               the Ray Train runs of the slots that trained the trials (resources.slots)
     base_models/         trained models before condensation, reused by trials differing only there
     tables/<task>.parquet  a finished task's trial table (<task>.final.parquet: its final retrains)
     trials.parquet       one row per trial of every task, with its metrics, `pareto` flag and (a reference
@@ -27,7 +28,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -57,6 +58,7 @@ from vpt_tune.search.results import (
     METRIC_COLUMNS, PROMPTS_ARTIFACT, REFERENCE_COLUMN, SELECTED_COLUMN, STATE_FILE, STOPPED_AT, TABLE_FILE, TRAIN_RUNS,
     experiment_relative, read_table, search_trials,
 )
+from vpt_tune.search.slots import Slots
 from vpt_tune.search.scheduler import RungJudge, Rungs, StudySearch
 from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.search.summary import summary_markdown, summary_table
@@ -68,6 +70,7 @@ from vpt_tune.train.worker import COMPLETE, REUSED_BASE
 TEST_OBJECTIVES = {"test_acc": "max", **{k: v for k, v in OBJECTIVES.items() if k != "val_acc"}}
 log = logging.getLogger(__name__)
 RESUME_OVERRIDES = ("search.trials_per_task", "search.max_concurrent_trials")
+SLOT_RUNS = "slots"  # the experiment's folder of the slots' Ray Train runs
 # A finished trial's driver process runs the next trial (all trials ask for the same bundle), which spares
 # each later trial a process start and its torch/timm imports; bench/trial_overhead.py measures both ways.
 REUSE_TRIAL_ACTORS = True
@@ -538,6 +541,7 @@ class Search:
     experiment_dir: Path
     tracker: Tracker
     task_runs: dict[str, str]  # task -> its MLflow run
+    slots: Slots | None = field(default=None, init=False)  # while it runs trials (resources.slots)
 
     def __post_init__(self):
         self.journal = optuna.storages.JournalStorage(
@@ -560,6 +564,9 @@ class Search:
             self.tracker.reopen(run_id)
         grids: list[tune.ResultGrid] = []
         table = None
+        driver_resource = DRIVER_RESOURCE if DRIVER_RESOURCE in ray.cluster_resources() else None
+        self.slots = Slots(self.spec, parallel, self.experiment_dir / SLOT_RUNS, driver_resource) \
+            if self.spec.resources.slots else None
         try:
             total = budget * len(self.tasks)
             self._restore("search", grids, total)  # finished trials kept, running ones continue
@@ -580,6 +587,9 @@ class Search:
             for run_id in self.task_runs.values():
                 self.tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
+        finally:
+            if self.slots is not None:
+                self.slots.close()
         if finals is not None:
             table = with_test_results(table, finals)
         tables.mkdir(exist_ok=True)
@@ -712,6 +722,7 @@ class Search:
                 task_dirs={task: str(folder) for task, folder in self.tasks.items()},
                 train_storage=str(self.experiment_dir / TRAIN_RUNS),
                 base_store=str(self.experiment_dir / "base_models"),
+                pool=self.slots.pool if self.slots is not None else None,
             ),
             trial_resources(DRIVER_RESOURCE if DRIVER_RESOURCE in ray.cluster_resources() else None),
         )

@@ -1,0 +1,287 @@
+"""Slots: long-lived Ray Train worker groups that run a search's trials one after another.
+
+Starting a Ray Train run costs a controller, a worker group and their torch/timm imports: about 18 s per
+trial on a laptop (``bench/trial_overhead.py``), paid again by every trial, and on a GPU node a fresh CUDA
+context and backbone each time. With ``resources.slots: true`` (the default) the search starts one
+TorchTrainer run per trial it runs at once, sized as a trial's workers are, and keeps it for the whole search
+(the search's trials, the reference points, the final retrains). Each Tune trial is then a thin driver
+(:func:`relay`): it hands its trial to the :class:`SlotPool`, relays the per-epoch reports to Tune and ends
+when its trial does. The slot's workers (:mod:`vpt_tune.train.slot_worker`) train trial after trial.
+
+What a per-trial Ray Train run promised still holds:
+
+* a killed worker or a lost node: Ray Train restarts the slot's worker group, which the pool hands the same
+  trial again; it continues from its last epoch checkpoint (files of its own, keyed by trial), up to
+  ``train.max_failures`` times per trial;
+* a killed search driver: the pool, the slots' Train controllers and their workers are owned by this
+  process and die with it, giving their resources back; ``vpt-tune resume`` continues every trial from its
+  checkpoint on new slots;
+* a trial stopped at a rung (early stopping) frees its slot at once; a trial whose driver is gone (stopped
+  or killed) is dropped by the slot at its next report.
+
+``ray status`` shows the slots as the search's Train workers: one group of ``workers_per_trial`` per slot,
+held for the whole search, with the trials' drivers holding no CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from vpt_tune.spec import Spec
+from vpt_tune.train.slot_worker import CLOSED, slot_worker
+
+log = logging.getLogger(__name__)
+POLL_S = 1.0  # a driver's longest wait for news (short: Tune reuses a driver only once its function returns)
+TAKE_WAIT_S = 5.0  # a worker's longest wait for a trial before it asks again
+DRIVER_SILENCE_S = 120.0  # a trial whose driver has not asked for news this long is dropped (the driver is gone)
+# Worker-group restarts a slot may take in all before the search gives it up; a trial's own restarts are limited
+# by train.max_failures (counted by the pool), so this only ends a slot that cannot start at all.
+SLOT_RESTARTS = 100
+
+
+class TrialFailed(RuntimeError):
+    """A trial failed on its slot more often than ``train.max_failures`` allows (the message has the last error)."""
+
+
+@dataclass
+class _Trial:
+    """A trial the pool knows: queued (no slot yet), training on a slot, or ended (``outcome`` set)."""
+
+    config: dict[str, Any]
+    checkpoints: str
+    heard: float  # when its driver last asked for news (time.monotonic())
+    slot: int | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    outcome: str | None = None  # "done", or why it failed
+    attempts: int = 0  # worker-group restarts while it trained
+    error: str = ""  # the last exception its workers raised
+
+
+class SlotPool:
+    """The search's queue of trials and its slots' assignments: an async Ray actor between trial drivers
+    (``submit``, ``poll``, ``release``) and slot workers (``take``, ``report``, ``finish``, ``failed``)."""
+
+    def __init__(self, slots: int, max_failures: int):
+        self.assigned: list[str | None] = [None] * slots  # each slot's trial (kept once ended, until the next)
+        self.alive = [True] * slots
+        self.max_failures = max_failures
+        self.trials: dict[str, _Trial] = {}
+        self.queue: deque[str] = deque()
+        self.closed = False
+        self._changed: asyncio.Condition | None = None
+
+    @property
+    def changed(self) -> asyncio.Condition:
+        if self._changed is None:  # made in the actor's event loop
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _wait(self, timeout: float) -> None:
+        try:
+            async with self.changed:
+                await asyncio.wait_for(self.changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    # ------------------------------------------------------------------ trial drivers
+
+    async def submit(self, trial: str, config: dict[str, Any], checkpoints: str) -> None:
+        """Queue ``trial``; one still training (its driver was restarted) goes on, heard by the new driver."""
+        known = self.trials.get(trial)
+        if known is not None and known.outcome is None:
+            known.reports.clear()
+            known.heard = time.monotonic()
+        else:
+            self.trials[trial] = _Trial(config, checkpoints, time.monotonic())
+            self.queue.append(trial)
+        if not any(self.alive):
+            self._end(trial, "every slot of the search failed to start its workers; see the log for why")
+        await self._notify()
+
+    async def poll(self, trial: str, seen: int, timeout: float) -> tuple[list[dict], str | None]:
+        """The reports of ``trial`` after the first ``seen``, and its outcome once it ended; waits up to
+        ``timeout`` seconds for either."""
+        record = self.trials.get(trial)
+        if record is None:  # dropped while its driver was silent (see DRIVER_SILENCE_S)
+            return [], f"dropped: its driver did not ask for news for over {DRIVER_SILENCE_S:.0f} s"
+        deadline = time.monotonic() + timeout
+        while len(record.reports) <= seen and record.outcome is None and time.monotonic() < deadline:
+            record.heard = time.monotonic()
+            await self._wait(deadline - time.monotonic())
+        record.heard = time.monotonic()
+        return record.reports[seen:], record.outcome
+
+    async def release(self, trial: str) -> None:
+        """The driver of ``trial`` is done with it (ended or stopped): forget it; a slot still training it
+        drops it at its next report."""
+        if self.trials.pop(trial, None) is not None and trial in self.queue:
+            self.queue.remove(trial)
+        await self._notify()
+
+    # ------------------------------------------------------------------ slot workers
+
+    async def take(self, slot: int, rank: int, previous: str | None) -> dict | str | None:
+        """The trial for ``slot``'s worker of ``rank`` to train after ``previous`` (None: the worker group has
+        just started, so a trial it was training is handed again); None when there is none yet (ask again),
+        :data:`CLOSED` once the search is over."""
+        current = self.trials.get(self.assigned[slot] or "")
+        if rank == 0 and previous is None and current is not None and current.outcome is None:
+            current.attempts += 1  # the slot's worker group was restarted while it trained this trial
+            if current.attempts > self.max_failures:
+                self._end(self.assigned[slot], f"its workers failed {current.attempts} times (train.max_failures: "
+                          f"{self.max_failures}); last error:\n{current.error or 'a worker process died'}")
+        deadline = time.monotonic() + TAKE_WAIT_S
+        while not self.closed:
+            name = self.assigned[slot]
+            current = self.trials.get(name or "")
+            if current is not None and current.outcome is None and name != previous:
+                return self._lease(name)
+            if rank == 0 and (current is None or current.outcome is not None) and self._assign(slot):
+                await self._notify()  # the group's other ranks wait for this assignment
+                return self._lease(self.assigned[slot])
+            if time.monotonic() >= deadline:
+                return None
+            await self._wait(deadline - time.monotonic())
+        return CLOSED
+
+    def _assign(self, slot: int) -> bool:
+        """Give ``slot`` the next queued trial whose driver still listens; whether there was one."""
+        while self.queue:
+            name = self.queue.popleft()
+            record = self.trials[name]
+            if time.monotonic() - record.heard > DRIVER_SILENCE_S:
+                del self.trials[name]
+                continue
+            record.slot, self.assigned[slot] = slot, name
+            return True
+        return False
+
+    def _lease(self, name: str) -> dict:
+        record = self.trials[name]
+        return {"trial": name, "config": record.config, "checkpoints": record.checkpoints}
+
+    async def report(self, trial: str, metrics: dict[str, Any]) -> bool:
+        """A slot's report of ``trial``; False: nobody listens any more (the slot drops the trial)."""
+        record = self.trials.get(trial)
+        if record is None or record.outcome is not None or time.monotonic() - record.heard > DRIVER_SILENCE_S:
+            return False
+        record.reports.append(metrics)
+        await self._notify()
+        return True
+
+    async def finish(self, trial: str) -> None:
+        """``trial`` ended on its slot (finished, stopped at a rung, or dropped)."""
+        self._end(trial, "done")
+        await self._notify()
+
+    async def failed(self, trial: str, error: str) -> None:
+        """``trial`` raised ``error`` on its slot, whose worker group Ray Train now restarts."""
+        if trial in self.trials:
+            self.trials[trial].error = error
+
+    async def slot_ended(self, slot: int, error: str | None) -> None:
+        """``slot``'s Train run ended (the search closed it, or it could not restart its workers)."""
+        self.alive[slot] = False
+        if error:
+            self._end(self.assigned[slot], f"its slot's Ray Train run failed: {error}")
+            if not any(self.alive):
+                for name in list(self.queue):
+                    self._end(name, f"every slot of the search failed; the last: {error}")
+                self.queue.clear()
+        await self._notify()
+
+    async def close(self) -> None:
+        """The search is over: every slot's workers return, ending their Train runs."""
+        self.closed = True
+        await self._notify()
+
+    def _end(self, trial: str | None, outcome: str) -> None:
+        record = self.trials.get(trial or "")
+        if record is not None and record.outcome is None:
+            record.outcome = outcome
+
+
+class Slots:
+    """The search's slots: a :class:`SlotPool` actor and one TorchTrainer run per slot, each ``fit()`` in a
+    thread of the search's driver (whose node holds the controllers: the nodes that may run drivers)."""
+
+    def __init__(self, spec: Spec, count: int, storage: Path, driver_resource: str | None):
+        res = spec.resources
+        sliver = {"resources": {driver_resource: 0.001}} if driver_resource else {}
+        self.pool = ray.remote(SlotPool).options(num_cpus=0, max_concurrency=1000, **sliver).remote(
+            count, spec.train.max_failures)
+        session = time.strftime("%Y%m%d-%H%M%S")
+        self.trainers = [TorchTrainer(
+            slot_worker,
+            train_loop_config={"pool": self.pool, "slot": slot},
+            scaling_config=ScalingConfig(
+                num_workers=res.workers_per_trial, use_gpu=res.gpus > 0, resources_per_worker=res.per_worker()),
+            run_config=RunConfig(name=f"slot{slot}-{session}", storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=SLOT_RESTARTS)),
+        ) for slot in range(count)]
+        self.threads = [threading.Thread(target=self._run, args=(slot,), name=f"slot{slot}", daemon=True)
+                        for slot in range(count)]
+        for thread in self.threads:
+            thread.start()
+        log.info("%d slot(s): long-lived Ray Train worker groups of %d worker(s) each, trial after trial",
+                 count, res.workers_per_trial)
+
+    def _run(self, slot: int) -> None:
+        error = None
+        try:
+            self.trainers[slot].fit()
+        except Exception as err:  # noqa: BLE001 (reported to the pool: its trials fail with it)
+            error = f"{type(err).__name__}: {err}"
+            log.error("slot %d ended: %s", slot, error)
+        try:
+            ray.get(self.pool.slot_ended.remote(slot, error))
+        except ray.exceptions.RayError:  # the pool is gone: the search is over
+            pass
+
+    def close(self, timeout: float = 30.0) -> None:
+        """End every slot's Train run (its workers return between trials) and the pool."""
+        try:
+            ray.get(self.pool.close.remote(), timeout=timeout)
+        except ray.exceptions.RayError:
+            pass
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        ray.kill(self.pool)
+
+
+def relay(pool: ray.actor.ActorHandle, trial: str, config: dict[str, Any], checkpoints: str) -> dict[str, Any]:
+    """A trial driver's part on slots: hand the trial to the pool, report each epoch to Tune as the slot reports
+    it, and return the trial's last report once it ended. Raises :class:`TrialFailed` if it failed."""
+    ray.get(pool.submit.remote(trial, config, checkpoints))
+    seen, last = 0, {}
+    try:
+        while True:
+            reports, outcome = ray.get(pool.poll.remote(trial, seen, POLL_S))
+            for metrics in reports:
+                tune.report(metrics)
+                last = metrics
+            seen += len(reports)
+            if outcome is not None:
+                break
+    finally:
+        pool.release.remote(trial)  # whatever ended the driver: the slot moves on
+    if outcome != "done":
+        raise TrialFailed(f"trial {trial}: {outcome}")
+    return last
