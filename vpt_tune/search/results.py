@@ -28,7 +28,8 @@ ACCURACY_METRICS = ("val_acc", *(metric for method in METHODS.values() for metri
 COST_METRICS = ("prompt_tokens", "kv_tokens", "gflops", "trainable_params")  # known before training
 TIMING_METRICS = ("train_seconds", "startup_seconds", "setup_seconds")
 EPOCH_METRICS = (*ACCURACY_METRICS, "train_loss", "lr", "epoch_seconds", *TIMING_METRICS)  # logged every epoch
-METRIC_COLUMNS = (*ACCURACY_METRICS, *COST_METRICS, "train_loss", "epoch", *TIMING_METRICS, STOPPED_AT)
+SLOT_COLUMNS = ("slot", "slot_trial")  # the slot that trained a trial, and its how-manieth trial (resources.slots)
+METRIC_COLUMNS = (*ACCURACY_METRICS, *COST_METRICS, "train_loss", "epoch", *TIMING_METRICS, *SLOT_COLUMNS, STOPPED_AT)
 FINAL_COLUMNS = ("test_acc", "test_acc_std", "test_seeds")  # the final protocol's, on Pareto trials
 
 # Short names of the space's keys in one-line configs, in the order shown; other keys keep their name.

@@ -25,6 +25,7 @@ from vpt_tune.search.router import TASK
 from vpt_tune.search.results import (
     COST_METRICS, EPOCH_METRICS, MLFLOW_RUN_ID, STOPPED_AT, search_trials, selected_references, short_config,
 )
+from vpt_tune.train.slot_worker import SLOT, SLOT_TRIAL
 from vpt_tune.train.worker import NODE, REUSED_BASE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")
@@ -235,6 +236,8 @@ class TrialLogger(tune.Callback):
         if result.get(REUSED_BASE) and trial.trial_id not in self.reused:  # the trained model it started from
             self.reused.add(trial.trial_id)
             self.tracker.set_tags(self._run_id(trial), {REUSED_BASE: result[REUSED_BASE]})
+        if SLOT in result and trial.trial_id not in self.nodes:  # once per driver: the slot that trains it
+            self.tracker.set_tags(self._run_id(trial), {SLOT: f"{result[SLOT]} (trial {result[SLOT_TRIAL]} of its workers)"})
         if trial.trial_id not in self.nodes:  # a resumed search keeps the nodes tagged before
             tagged = self.tracker.client.get_run(self._run_id(trial)).data.tags.get("ray_nodes")
             self.nodes[trial.trial_id] = set(tagged.split(",")) if tagged else set()

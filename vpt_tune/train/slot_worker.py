@@ -31,6 +31,8 @@ from vpt_tune.train.worker import train_trial
 
 CHECKPOINT_PATH = "checkpoint_path"  # result key: a trial's newest checkpoint folder (as Ray Train's reports name it)
 CLOSED = "closed"  # what the pool answers a worker once the search is over
+SLOT = "slot"  # result key: the slot that trains the trial
+SLOT_TRIAL = "slot_trial"  # result key: the how-manieth trial of its slot's worker process (1: it paid the start-up)
 KEEP_CHECKPOINTS = 2
 
 
@@ -74,8 +76,9 @@ class SlotIO:
     """A trial's reports and checkpoints on a slot: rank 0 writes the checkpoint and hands the report to the
     pool, which relays it to the trial's driver; a report the pool refuses (the driver is gone) ends the trial."""
 
-    def __init__(self, pool: ray.actor.ActorHandle, trial_name: str, folder: str | Path, rank: int):
-        self.pool, self.trial_name, self.rank = pool, trial_name, rank
+    def __init__(self, pool: ray.actor.ActorHandle, trial_name: str, folder: str | Path, rank: int,
+                 where: dict[str, int]):
+        self.pool, self.trial_name, self.rank, self.where = pool, trial_name, rank, where
         self.checkpoints = TrialCheckpoints(folder)
 
     def restore(self) -> dict | None:
@@ -84,6 +87,7 @@ class SlotIO:
     def report(self, metrics: dict[str, Any], state: dict | None, last: bool = False) -> None:
         if self.rank != 0:
             return
+        metrics = {**metrics, **self.where}
         if state is not None:
             metrics = {**metrics, CHECKPOINT_PATH: str(self.checkpoints.save(state, int(metrics["epoch"])))}
         if not ray.get(self.pool.report.remote(self.trial_name, metrics)):
@@ -98,12 +102,13 @@ def slot_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     previous = None  # the trial this worker trained last (None: the worker group just started)
+    trained = 0  # trials this process has trained
     while (lease := ray.get(pool.take.remote(slot, rank, previous))) != CLOSED:
         if lease is None:  # nothing to train yet: ask again
             continue
-        trial, previous = lease["trial"], lease["trial"]
+        trial, previous, trained = lease["trial"], lease["trial"], trained + 1
         try:
-            train_trial(lease["config"], SlotIO(pool, trial, lease["checkpoints"], rank))
+            train_trial(lease["config"], SlotIO(pool, trial, lease["checkpoints"], rank, {SLOT: slot, SLOT_TRIAL: trained}))
         except TrialAbandoned:
             ray.get(pool.finish.remote(trial))
             if world > 1:  # the other ranks wait in DDP's next all-reduce: a fresh worker group frees them
