@@ -20,6 +20,7 @@ from vpt_tune.cli import main
 from vpt_tune.search.results import short_config
 from vpt_tune.search.runner import resume_search, run_search
 from vpt_tune.spec import SpecError, load_spec, validate
+from vpt_tune.train.slot_worker import TrialCheckpoints
 
 from conftest import assert_front
 
@@ -419,10 +420,10 @@ def test_early_stopping_stops_hopeless_trials_at_the_rung_and_says_so_everywhere
     assert (stopped["stopped_at_epoch"] == 1).all() and (stopped["epoch"] == 1).all()
     assert (table.loc[table["status"] == "finished", "epoch"] == 4).all()
     assert_front(table.reset_index())  # a stopped trial is never on a front
-    # A stopped trial's workers end its Train run at the rung: nothing is trained after it.
+    # A stopped trial's slot ends it at the rung: nothing is trained after it.
     for trial_id in stopped.index:
-        snapshot = result.experiment_dir / "train_runs" / f"run_trial_{trial_id}" / "checkpoint_manager_snapshot.json"
-        assert json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] == 1
+        latest = TrialCheckpoints(result.experiment_dir / "train_runs" / f"run_trial_{trial_id}").latest()
+        assert latest.name == "checkpoint_000001"
 
     # Optuna hears PRUNED with the last accuracy and epoch; MLflow and the terminal say stopped.
     study = optuna.load_study(study_name="digits", storage=optuna.storages.JournalStorage(

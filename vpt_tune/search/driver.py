@@ -98,6 +98,25 @@ def trial_resources(driver_resource: str | None = None) -> tune.PlacementGroupFa
     return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1 << 20, **sliver}])
 
 
+def worker_config(spec: Spec, task_dirs: dict[str, str], config: dict[str, Any], trial_folder: Path,
+                  base_store: str) -> dict[str, Any]:
+    """What a trial's Train workers get (see :func:`vpt_tune.train.worker.train_trial`): its job, its cost known
+    before training, the resources, where its rung decisions go (in ``trial_folder``, a fresh folder per start)."""
+    job = make_job(spec, task_dirs[trial_task(config)], config)
+    res = spec.resources
+    rungs = [] if FINAL in config or REFERENCE_TRIAL in config else spec.search.early_stopping.rungs(spec.train.epochs)
+    return {
+        "job": asdict(job),
+        "report": expected_cost(job).as_dict(),  # judged on its final cost while it trains
+        "threads": res.cpus_per_worker,
+        "gpus_per_worker": res.gpus,
+        "checkpoint_every": spec.train.checkpoint_every,
+        "base_store": base_store if spec.train.reuse_base else None,
+        STARTED_AT: time.time(),
+        RUNGS: {"epochs": rungs, "folder": str(trial_folder / "rung_decisions" / uuid.uuid4().hex)},
+    }
+
+
 def run_trial(
     config: dict[str, Any], spec_json: str, task_dirs: dict[str, str], train_storage: str, base_store: str,
     pool: ray.actor.ActorHandle | None = None,
@@ -116,21 +135,9 @@ def run_trial(
     anew, never reads a decision its interrupted run wrote).
     """
     spec = Spec.model_validate_json(spec_json)
-    job = make_job(spec, task_dirs[trial_task(config)], config)
     res = spec.resources
     trial_name = tune.get_context().get_trial_name()
-    rungs = [] if FINAL in config or REFERENCE_TRIAL in config else spec.search.early_stopping.rungs(spec.train.epochs)
-    decisions = Path(train_storage, trial_name, "rung_decisions", uuid.uuid4().hex)
-    trial_config = {
-        "job": asdict(job),
-        "report": expected_cost(job).as_dict(),  # judged on its final cost while it trains
-        "threads": res.cpus_per_worker,
-        "gpus_per_worker": res.gpus,
-        "checkpoint_every": spec.train.checkpoint_every,
-        "base_store": base_store if spec.train.reuse_base else None,
-        STARTED_AT: time.time(),
-        RUNGS: {"epochs": rungs, "folder": str(decisions)},
-    }
+    trial_config = worker_config(spec, task_dirs, config, Path(train_storage, trial_name), base_store)
     if pool is not None:
         metrics = relay(pool, trial_name, trial_config, str(Path(train_storage, trial_name)))
     else:
