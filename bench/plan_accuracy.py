@@ -16,13 +16,7 @@ import time
 
 from vpt_tune.cli import log_to_terminal
 from vpt_tune.search import runner
-from vpt_tune.search.plan import (
-    TRIAL_OVERHEAD_S,
-    make_plan,
-    plan_lines,
-    planned_tasks,
-    trials_at_once,
-)
+from vpt_tune.search.plan import make_plan, plan_lines, planned_tasks, trial_overhead, trials_at_once
 from vpt_tune.spec import load_spec
 
 
@@ -48,8 +42,8 @@ def main() -> None:
     rows = [
         ("search wall s", plan.wall_seconds[0], wall),
         ("trial wall s (mean)", planned_trial, measured_trial),
-        ("trial training s (mean)", planned_trial - TRIAL_OVERHEAD_S, table["train_seconds"].mean()),
-        ("trial start-up + set-up s", TRIAL_OVERHEAD_S, (table["startup_seconds"] + table["setup_seconds"]).mean()),
+        ("trial training s (mean)", planned_trial - trial_overhead(spec), table["train_seconds"].mean()),
+        ("trial start-up + set-up s", trial_overhead(spec), (table["startup_seconds"] + table["setup_seconds"]).mean()),
     ]
     print(f"\n{'':<28}{'planned':>10}{'measured':>10}{'planned/measured':>18}")
     for label, planned, measured in rows:

@@ -111,9 +111,14 @@ def test_time_is_the_work_over_the_speed_plus_start_up_spread_over_the_trials_at
     result = _plan(spec)
     task = result.tasks[0]
     work = task.search
-    assert math.isclose(task.seconds, work.train_macs / 2e12 + work.eval_macs / 5e12 + 4 * plan.TRIAL_OVERHEAD_S)
-    expected = result.wall_seconds[0]
-    assert math.isclose(expected, sum(t.seconds for t in result.tasks) / 2 + plan.SEARCH_OVERHEAD_S)
+    assert math.isclose(task.seconds, work.train_macs / 2e12 + work.eval_macs / 5e12 + 4 * plan.SLOT_TRIAL_OVERHEAD_S)
+    expected = result.wall_seconds[0]  # the slots start once, then each trial pays its hand-over
+    assert math.isclose(expected, sum(t.seconds for t in result.tasks) / 2 + plan.SLOT_START_S + plan.SEARCH_OVERHEAD_S)
+    own_runs = _plan(_spec(resources={"slots": False}))  # a Ray Train run per trial: its start-up every trial
+    assert math.isclose(own_runs.tasks[0].seconds - task.seconds, 4 * (plan.TRIAL_OVERHEAD_S - plan.SLOT_TRIAL_OVERHEAD_S))
+    assert math.isclose(own_runs.wall_seconds[0] - expected, (own_runs.tasks[0].seconds - task.seconds
+                                                              + own_runs.tasks[1].seconds - result.tasks[1].seconds) / 2
+                        - plan.SLOT_START_S)
     assert result.device == "CPU" and result.device_hours[0] == sum(t.seconds for t in result.tasks) / 3600
 
 

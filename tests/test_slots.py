@@ -129,6 +129,7 @@ def _train(pool, name: str, config: dict, folder) -> list[dict]:
     return reports
 
 
+@pytest.mark.slow
 def test_one_slot_trains_each_trial_as_a_fresh_process_would(tmp_path, local_ray):
     """Isolation: config A first and third on one slot (B, different, between) gives the same bits both times, and
     the same as A trained in a fresh process; the slot's worker started once."""
@@ -143,7 +144,7 @@ def test_one_slot_trains_each_trial_as_a_fresh_process_would(tmp_path, local_ray
     folders = {task: str(folder) for task, folder in task_dirs(spec).items()}
     a = {"task": "digits", "num_prompts": 4, "placement": "deep", "base_lr": 0.3}
     b = {"task": "digits", "num_prompts": 7, "placement": "last_k", "depth": 5, "base_lr": 0.1}
-    slots = Slots(spec, 1, tmp_path / "slots", None)
+    slots = Slots(spec, 1, tmp_path / "slots")
     try:
         runs = {name: _train(slots.pool, name, worker_config(spec, folders, config, tmp_path / name, ""), tmp_path)
                 for name, config in (("a1", a), ("b", b), ("a2", a))}
@@ -170,6 +171,7 @@ def test_one_slot_trains_each_trial_as_a_fresh_process_would(tmp_path, local_ray
     assert all(torch.equal(fresh["trainable"][k], trained["a1"][k]) for k in trained["a1"])
 
 
+@pytest.mark.slow
 def test_a_slot_drops_a_trial_whose_driver_stopped_and_trains_the_next(tmp_path, local_ray):
     from test_search import small_spec
 
@@ -180,7 +182,7 @@ def test_a_slot_drops_a_trial_whose_driver_stopped_and_trains_the_next(tmp_path,
     spec = validate(small_spec(tmp_path, train={"epochs": 30, "batch_size": 64, "warmup_epochs": 0, "reuse_base": False}))
     folders = {task: str(folder) for task, folder in task_dirs(spec).items()}
     config = {"task": "digits", "num_prompts": 2, "placement": "deep", "base_lr": 0.3}
-    slots = Slots(spec, 1, tmp_path / "slots", None)
+    slots = Slots(spec, 1, tmp_path / "slots")
     try:
         long = worker_config(spec, folders, config, tmp_path / "long", "")
         ray.get(slots.pool.submit.remote("long", long, str(tmp_path / "long")))
@@ -196,3 +198,19 @@ def test_a_slot_drops_a_trial_whose_driver_stopped_and_trains_the_next(tmp_path,
     assert reports[-1][SLOT_TRIAL] == 2 and reports[-1]["epoch"] == 1
     long_epochs = sorted(TrialCheckpoints(tmp_path / "long").folder.glob("checkpoint_*"))
     assert long_epochs and int(long_epochs[-1].name.split("_")[1]) < 30  # it ended at the next report
+
+
+@pytest.mark.slow
+def test_a_slot_of_two_data_parallel_workers_trains_trial_after_trial(tmp_path, local_ray):
+    """workers_per_trial: 2: one slot of two DDP workers; both ranks train each trial the pool hands rank 0."""
+    from test_search import small_spec
+
+    from vpt_tune.search.runner import run_search
+    from vpt_tune.spec import validate
+
+    raw = small_spec(tmp_path, resources={"workers_per_trial": 2, "cpus_per_worker": 1})
+    raw["search"]["trials_per_task"] = 3
+    table = run_search(validate(raw), name="ddp").table
+    assert (table["status"] == "finished").all() and (table["epoch"] == 2).all()
+    assert sorted(table["slot_trial"]) == [1, 2, 3] and set(table["slot"]) == {0}
+    assert (table["startup_seconds"][table["slot_trial"] > 1] < 2).all()  # handed over, no Ray Train start-up

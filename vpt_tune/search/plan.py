@@ -4,7 +4,7 @@ Per task: trials, epochs per trial (with early stopping, the expected number and
 training and evaluation work from the cost model (:mod:`vpt_tune.cost`, multiply-adds), the final
 protocol's retrains, and time: the work divided by a training step's throughput measured here on
 the spec's model (:func:`vpt_tune.train.probe.measure_step`), or, for GPU trials planned on a machine
-without one, by a stated device table; plus Ray Train's start-up per trial.
+without one, by a stated device table; plus the start-up of Ray Train (once per search on slots, else per trial).
 
 The work of a trial, per image and epoch, for a forward cost ``f`` whose first ``p`` multiply-adds
 (patch embedding and the blocks before the first prompted one) no prompt reaches:
@@ -50,6 +50,11 @@ SAMPLES = 256  # configs drawn from the space to average a trial's work over
 # and checkpoints between steps).
 TRIAL_OVERHEAD_S = 24.0
 SEARCH_OVERHEAD_S = 45.0
+# On slots (resources.slots): a trial after its slot's first pays the hand-over, its model and data set-up and
+# its reports (bench/trial_overhead.py: 1.3 s; the demo: 1.5 s); the slots' start-up (Ray Train run, worker
+# processes, imports; their first trials' extra set-up) is paid once per search, by all slots at once (demo: 27 s).
+SLOT_TRIAL_OVERHEAD_S = 2.0
+SLOT_START_S = 27.0
 IN_SEARCH_SLOWDOWN = 1.3
 # Stated bf16 dense peak, TFLOP/s (2 FLOPs per multiply-add), of GPUs a plan may assume when none is here to
 # measure (vendors' data sheets), and the fraction of it a prompted ViT training step is assumed to reach.
@@ -119,12 +124,15 @@ class Plan:
     per_trial_units: float  # GPUs (or CPUs) one trial holds
     speed: Speed
     assumptions: list[str] = field(default_factory=list)
+    start_seconds: float = 0.0  # the slots' start-up, once (resources.slots)
 
     @property
     def wall_seconds(self) -> tuple[float, float]:
-        """Expected and most wall time: the trials' seconds spread over ``at_once`` slots, plus the search's own."""
-        expected = sum(t.seconds for t in self.tasks) / self.at_once + SEARCH_OVERHEAD_S
-        most = sum(t.seconds_most for t in self.tasks) / self.at_once + SEARCH_OVERHEAD_S
+        """Expected and most wall time: the trials' seconds spread over ``at_once`` trials at a time, plus the
+        slots' start-up and the search's own."""
+        fixed = self.start_seconds + SEARCH_OVERHEAD_S
+        expected = sum(t.seconds for t in self.tasks) / self.at_once + fixed
+        most = sum(t.seconds_most for t in self.tasks) / self.at_once + fixed
         return expected, most
 
     @property
@@ -280,6 +288,11 @@ def trials_at_once(spec: Spec, resources: dict[str, float]) -> int:
     return int(resources.get("CPU", 0) // (res.cpus_per_worker * res.workers_per_trial))
 
 
+def trial_overhead(spec: Spec) -> float:
+    """Seconds a trial spends beyond its training: on a slot, or starting a Ray Train run of its own."""
+    return SLOT_TRIAL_OVERHEAD_S if spec.resources.slots else TRIAL_OVERHEAD_S
+
+
 def make_plan(spec: Spec, task_dirs: dict[str, Path | None], at_once: int, gpu: str = "a10g",
               speed: Speed | None = None, measure_gpu: bool = True) -> Plan:
     """The plan of ``spec``'s search on ``task_dirs`` (None: not downloaded yet), ``at_once`` trials at a
@@ -336,7 +349,7 @@ def make_plan(spec: Spec, task_dirs: dict[str, Path | None], at_once: int, gpu: 
             job = make_job(spec, "", {FINAL: {**config, "seed": 0}})
             final_work += trial_work(job, shape, size.classes, final_images, cached=cached)[1] * len(spec.final.seeds)
             retrains += len(spec.final.seeds)
-        overhead = TRIAL_OVERHEAD_S * (trials + retrains)
+        overhead = trial_overhead(spec) * (trials + retrains)
         tasks.append(TaskPlan(
             task, trials, search_images[0], search_images[1], search_work, search_most, retrains, final_work,
             overhead + speed.seconds(search_work) + speed.seconds(final_work),
@@ -349,7 +362,7 @@ def make_plan(spec: Spec, task_dirs: dict[str, Path | None], at_once: int, gpu: 
         assumptions.append(f"trials include {lrs} per task of the reference points ({', '.join(spec.search.references)})")
     return Plan(spec.name, spec.backbone.model, spec.backbone.img_size, tasks, at_once, "GPU" if uses_gpu else "CPU",
                 (res.gpus or 1.0 if uses_gpu else res.cpus_per_worker) * res.workers_per_trial, speed,
-                assumptions)
+                assumptions, SLOT_START_S if res.slots else 0.0)
 
 
 def _duration(seconds: float) -> str:

@@ -72,7 +72,8 @@ log = logging.getLogger(__name__)
 RESUME_OVERRIDES = ("search.trials_per_task", "search.max_concurrent_trials")
 SLOT_RUNS = "slots"  # the experiment's folder of the slots' Ray Train runs
 # A finished trial's driver process runs the next trial (all trials ask for the same bundle), which spares
-# each later trial a process start and its torch/timm imports; bench/trial_overhead.py measures both ways.
+# each later trial a process start and its torch/timm imports (0.87x search wall in bench/trial_overhead.py
+# when trials started Train runs of their own; on slots a driver only relays, but still imports the job's modules).
 REUSE_TRIAL_ACTORS = True
 PLAN_TASK_LINES = 8  # a search's plan shows a line per task up to this many tasks, else only the totals
 
@@ -564,9 +565,7 @@ class Search:
             self.tracker.reopen(run_id)
         grids: list[tune.ResultGrid] = []
         table = None
-        driver_resource = DRIVER_RESOURCE if DRIVER_RESOURCE in ray.cluster_resources() else None
-        self.slots = Slots(self.spec, parallel, self.experiment_dir / SLOT_RUNS, driver_resource) \
-            if self.spec.resources.slots else None
+        self.slots = Slots(self.spec, parallel, self.experiment_dir / SLOT_RUNS) if self.spec.resources.slots else None
         try:
             total = budget * len(self.tasks)
             self._restore("search", grids, total)  # finished trials kept, running ones continue

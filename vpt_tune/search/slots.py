@@ -38,6 +38,7 @@ import ray
 from ray import tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vpt_tune.spec import Spec
 from vpt_tune.train.slot_worker import CLOSED, slot_worker
@@ -179,7 +180,8 @@ class SlotPool:
     async def report(self, trial: str, metrics: dict[str, Any]) -> bool:
         """A slot's report of ``trial``; False: nobody listens any more (the slot drops the trial)."""
         record = self.trials.get(trial)
-        if record is None or record.outcome is not None or time.monotonic() - record.heard > DRIVER_SILENCE_S:
+        if self.closed or record is None or record.outcome is not None or \
+                time.monotonic() - record.heard > DRIVER_SILENCE_S:
             return False
         record.reports.append(metrics)
         await self._notify()
@@ -219,13 +221,14 @@ class SlotPool:
 
 class Slots:
     """The search's slots: a :class:`SlotPool` actor and one TorchTrainer run per slot, each ``fit()`` in a
-    thread of the search's driver (whose node holds the controllers: the nodes that may run drivers)."""
+    thread of the search's driver. Both sit on the driver's node (Ray Train places a controller on its
+    caller's node), a node that may run drivers: a lost worker node costs a worker-group restart only."""
 
-    def __init__(self, spec: Spec, count: int, storage: Path, driver_resource: str | None):
+    def __init__(self, spec: Spec, count: int, storage: Path):
         res = spec.resources
-        sliver = {"resources": {driver_resource: 0.001}} if driver_resource else {}
-        self.pool = ray.remote(SlotPool).options(num_cpus=0, max_concurrency=1000, **sliver).remote(
-            count, spec.train.max_failures)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.pool = ray.remote(SlotPool).options(num_cpus=0, max_concurrency=1000, scheduling_strategy=here).remote(
+            count, spec.train.max_failures)  # on this node: it lives and dies with the search's driver
         session = time.strftime("%Y%m%d-%H%M%S")
         self.trainers = [TorchTrainer(
             slot_worker,
@@ -263,7 +266,7 @@ class Slots:
         deadline = time.monotonic() + timeout
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        ray.kill(self.pool)
+        ray.kill(self.pool)  # a slot still starting, or mid-epoch past the timeout, ends with it
 
 
 def relay(pool: ray.actor.ActorHandle, trial: str, config: dict[str, Any], checkpoints: str) -> dict[str, Any]:
