@@ -35,9 +35,9 @@ def test_the_pool_hands_trials_in_order_and_each_slot_one_at_a_time(monkeypatch)
         second = await pool.take(1, 0, None)
         assert (first["trial"], second["trial"]) == ("a", "b") and first["checkpoints"] == "/ckpt/a"
         assert await pool.take(0, 0, "a") is None  # slot 0 still trains a: nothing new for it
-        assert await pool.report("a", {"epoch": 1})
+        assert await pool.report(0, "a", {"epoch": 1})
         assert await pool.poll("a", 0, 0.01) == ([{"epoch": 1}], None)
-        await pool.finish("a")
+        await pool.finish(0, "a")
         assert await pool.poll("a", 1, 0.01) == ([], "done")
         assert (await pool.take(0, 0, "a"))["trial"] == "c"  # the next queued trial, once a ended
         await pool.close()
@@ -53,7 +53,7 @@ def test_a_restarted_worker_group_gets_its_trial_again_until_max_failures(monkey
         pool = SlotPool(slots=1, max_failures=1)
         await pool.submit("a", {}, "/a")
         assert (await pool.take(0, 0, None))["trial"] == "a"
-        await pool.failed("a", "ValueError: boom")
+        await pool.failed(0, "a", "ValueError: boom")
         assert (await pool.take(0, 0, None))["trial"] == "a"  # restart 1 of 1 allowed: continues from its checkpoint
         assert await pool.take(0, 0, None) is None  # restart 2: the trial fails, the slot waits for the next
         reports, outcome = await pool.poll("a", 0, 0.01)
@@ -87,12 +87,39 @@ def test_a_trial_whose_driver_is_gone_is_dropped(monkeypatch):
         await pool.submit("b", {}, "/b")
         assert (await pool.take(0, 0, None))["trial"] == "a"
         await pool.release("a")  # its driver ended (stopped): the slot's next report is refused
-        assert not await pool.report("a", {"epoch": 1})
-        await pool.finish("a")
+        assert not await pool.report(0, "a", {"epoch": 1})
+        await pool.finish(0, "a")
         await asyncio.sleep(0.3)  # b's driver fell silent (killed) before b started: b is skipped
         await pool.submit("c", {}, "/c")
         assert (await pool.take(0, 0, "a"))["trial"] == "c"
-        assert await pool.report("c", {"epoch": 1})
+        assert await pool.report(0, "c", {"epoch": 1})
+
+    _run(scenario())
+
+
+def test_the_trial_of_a_slot_that_stays_down_moves_to_a_free_slot(monkeypatch):
+    """A lost node can take the resources a slot's restarted workers need while the other slots hold theirs: after
+    ORPHAN_S without a heartbeat, the next free slot takes its trial over, and the old slot can no longer end it."""
+    monkeypatch.setattr(slots_module, "TAKE_WAIT_S", 0.05)
+    monkeypatch.setattr(slots_module, "ORPHAN_S", 0.2)
+
+    async def scenario():
+        pool = SlotPool(slots=2, max_failures=1)
+        for name in ("a", "b"):
+            await pool.submit(name, {}, f"/{name}")
+        assert (await pool.take(0, 0, None))["trial"] == "a"
+        assert (await pool.take(1, 0, None))["trial"] == "b"
+        await pool.finish(1, "b")
+        for _ in range(4):  # slot 0 went silent; slot 1 lives on
+            await asyncio.sleep(0.1)
+            await pool.heartbeat(1)
+            await pool.poll("a", 0, 0.01)  # a's driver still listens
+        assert (await pool.take(1, 0, "b"))["trial"] == "a"  # free slot 1 takes a over (its last checkpoint)
+        assert not await pool.report(0, "a", {"epoch": 2})  # slot 0 back: its report is refused, its end ignored
+        await pool.finish(0, "a")
+        assert await pool.poll("a", 0, 0.01) == ([], None)
+        assert await pool.report(1, "a", {"epoch": 2})
+        assert await pool.take(0, 0, None) is None  # slot 0 restarted: a is not its trial any more
 
     _run(scenario())
 

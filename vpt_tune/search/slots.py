@@ -12,7 +12,8 @@ What a per-trial Ray Train run promised still holds:
 
 * a killed worker or a lost node: Ray Train restarts the slot's worker group, which the pool hands the same
   trial again; it continues from its last epoch checkpoint (files of its own, keyed by trial), up to
-  ``train.max_failures`` times per trial;
+  ``train.max_failures`` times per trial. A slot that stays down (a lost node took the resources its
+  workers need, which the other slots hold) gives its trial up to the next free slot after ``ORPHAN_S``;
 * a killed search driver: the pool, the slots' Train controllers and their workers are owned by this
   process and die with it, giving their resources back; ``vpt-tune resume`` continues every trial from its
   checkpoint on new slots;
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0  # a driver's longest wait for news (short: Tune reuses a driver only once its function returns)
 TAKE_WAIT_S = 5.0  # a worker's longest wait for a trial before it asks again
 DRIVER_SILENCE_S = 120.0  # a trial whose driver has not asked for news this long is dropped (the driver is gone)
+# A slot whose rank 0 has not sent a heartbeat this long is down (its worker group restarts, maybe waiting for
+# resources a lost node took along): a free slot takes over its trial (from its last checkpoint).
+ORPHAN_S = 30.0
 # Worker-group restarts a slot may take in all before the search gives it up; a trial's own restarts are limited
 # by train.max_failures (counted by the pool), so this only ends a slot that cannot start at all.
 SLOT_RESTARTS = 100
@@ -77,6 +81,7 @@ class SlotPool:
     def __init__(self, slots: int, max_failures: int):
         self.assigned: list[str | None] = [None] * slots  # each slot's trial (kept once ended, until the next)
         self.alive = [True] * slots
+        self.beats = [time.monotonic()] * slots  # each slot's last heartbeat
         self.max_failures = max_failures
         self.trials: dict[str, _Trial] = {}
         self.queue: deque[str] = deque()
@@ -137,10 +142,15 @@ class SlotPool:
 
     # ------------------------------------------------------------------ slot workers
 
+    async def heartbeat(self, slot: int) -> None:
+        """``slot``'s rank 0 lives (sent every few seconds while its worker function runs)."""
+        self.beats[slot] = time.monotonic()
+
     async def take(self, slot: int, rank: int, previous: str | None) -> dict | str | None:
         """The trial for ``slot``'s worker of ``rank`` to train after ``previous`` (None: the worker group has
         just started, so a trial it was training is handed again); None when there is none yet (ask again),
         :data:`CLOSED` once the search is over."""
+        self.beats[slot] = time.monotonic()
         current = self.trials.get(self.assigned[slot] or "")
         if rank == 0 and previous is None and current is not None and current.outcome is None:
             current.attempts += 1  # the slot's worker group was restarted while it trained this trial
@@ -153,13 +163,31 @@ class SlotPool:
             current = self.trials.get(name or "")
             if current is not None and current.outcome is None and name != previous:
                 return self._lease(name)
-            if rank == 0 and (current is None or current.outcome is not None) and self._assign(slot):
-                await self._notify()  # the group's other ranks wait for this assignment
-                return self._lease(self.assigned[slot])
+            if rank == 0 and (current is None or current.outcome is not None):  # free: the next trial, if any
+                self._adopt_orphans()
+                if self._assign(slot):
+                    await self._notify()  # the group's other ranks wait for this assignment
+                    return self._lease(self.assigned[slot])
             if time.monotonic() >= deadline:
                 return None
             await self._wait(deadline - time.monotonic())
         return CLOSED
+
+    def _adopt_orphans(self) -> None:
+        """Queue first the trials of slots that are down (no heartbeat for ``ORPHAN_S``), counting it as a failure."""
+        for down, name in enumerate(self.assigned):
+            record = self.trials.get(name or "")
+            if record is None or record.outcome is not None or time.monotonic() - self.beats[down] < ORPHAN_S:
+                continue
+            log.warning("slot %d is down (no heartbeat for %.0f s): trial %s moves to the next free slot", down,
+                        time.monotonic() - self.beats[down], name)
+            record.attempts += 1
+            record.slot, self.assigned[down] = None, None
+            if record.attempts > self.max_failures:
+                self._end(name, f"its workers failed {record.attempts} times (train.max_failures: {self.max_failures}); "
+                          f"last: its slot was down for over {ORPHAN_S:.0f} s")
+            else:
+                self.queue.appendleft(name)
 
     def _assign(self, slot: int) -> bool:
         """Give ``slot`` the next queued trial whose driver still listens; whether there was one."""
@@ -177,24 +205,26 @@ class SlotPool:
         record = self.trials[name]
         return {"trial": name, "config": record.config, "checkpoints": record.checkpoints}
 
-    async def report(self, trial: str, metrics: dict[str, Any]) -> bool:
-        """A slot's report of ``trial``; False: nobody listens any more (the slot drops the trial)."""
+    async def report(self, slot: int, trial: str, metrics: dict[str, Any]) -> bool:
+        """``slot``'s report of ``trial``; False: nobody listens any more, or the trial moved to another slot
+        (the slot drops the trial)."""
         record = self.trials.get(trial)
-        if self.closed or record is None or record.outcome is not None or \
+        if self.closed or record is None or record.outcome is not None or record.slot != slot or \
                 time.monotonic() - record.heard > DRIVER_SILENCE_S:
             return False
         record.reports.append(metrics)
         await self._notify()
         return True
 
-    async def finish(self, trial: str) -> None:
-        """``trial`` ended on its slot (finished, stopped at a rung, or dropped)."""
-        self._end(trial, "done")
+    async def finish(self, slot: int, trial: str) -> None:
+        """``trial`` ended on ``slot`` (finished, stopped at a rung, or dropped there)."""
+        if self.assigned[slot] == trial:  # not a trial that moved on to another slot
+            self._end(trial, "done")
         await self._notify()
 
-    async def failed(self, trial: str, error: str) -> None:
-        """``trial`` raised ``error`` on its slot, whose worker group Ray Train now restarts."""
-        if trial in self.trials:
+    async def failed(self, slot: int, trial: str, error: str) -> None:
+        """``trial`` raised ``error`` on ``slot``, whose worker group Ray Train now restarts."""
+        if trial in self.trials and self.assigned[slot] == trial:
             self.trials[trial].error = error
 
     async def slot_ended(self, slot: int, error: str | None) -> None:

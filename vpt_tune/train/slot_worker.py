@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import threading
 import traceback
 import uuid
 from pathlib import Path
@@ -34,6 +35,7 @@ CLOSED = "closed"  # what the pool answers a worker once the search is over
 SLOT = "slot"  # result key: the slot that trains the trial
 SLOT_TRIAL = "slot_trial"  # result key: the how-manieth trial of its slot's worker process (1: it paid the start-up)
 KEEP_CHECKPOINTS = 2
+HEARTBEAT_S = 2.0  # how often a slot's rank 0 tells the pool it lives
 
 
 class TrialAbandoned(Exception):
@@ -79,6 +81,7 @@ class SlotIO:
     def __init__(self, pool: ray.actor.ActorHandle, trial_name: str, folder: str | Path, rank: int,
                  where: dict[str, int]):
         self.pool, self.trial_name, self.rank, self.where = pool, trial_name, rank, where
+        self.slot = where[SLOT]
         self.checkpoints = TrialCheckpoints(folder)
 
     def restore(self) -> dict | None:
@@ -90,7 +93,7 @@ class SlotIO:
         metrics = {**metrics, **self.where}
         if state is not None:
             metrics = {**metrics, CHECKPOINT_PATH: str(self.checkpoints.save(state, int(metrics["epoch"])))}
-        if not ray.get(self.pool.report.remote(self.trial_name, metrics)):
+        if not ray.get(self.pool.report.remote(self.slot, self.trial_name, metrics)):
             raise TrialAbandoned(self.trial_name)
 
 
@@ -101,7 +104,26 @@ def slot_worker(config: dict[str, Any]) -> None:
     pool, slot = config["pool"], config["slot"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    previous = None  # the trial this worker trained last (None: the worker group just started)
+    alive = threading.Event()
+    if rank == 0:  # the pool hands the trial of a slot that stays down to another slot
+        threading.Thread(target=_heartbeat, args=(pool, slot, alive), daemon=True).start()
+    try:
+        _train_trials(pool, slot, rank, world)
+    finally:
+        alive.set()
+
+
+def _heartbeat(pool: ray.actor.ActorHandle, slot: int, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            ray.get(pool.heartbeat.remote(slot), timeout=HEARTBEAT_S * 5)
+        except ray.exceptions.RayError:  # the pool is gone (the search is over) or busy: the next beat
+            continue
+
+
+def _train_trials(pool: ray.actor.ActorHandle, slot: int, rank: int, world: int) -> None:
+    """Take, train and end trials until the pool closes."""
+    previous = None  # the trial this worker trained last (None: the worker group has just started)
     trained = 0  # trials this process has trained
     while (lease := ray.get(pool.take.remote(slot, rank, previous))) != CLOSED:
         if lease is None:  # nothing to train yet: ask again
@@ -110,16 +132,16 @@ def slot_worker(config: dict[str, Any]) -> None:
         try:
             train_trial(lease["config"], SlotIO(pool, trial, lease["checkpoints"], rank, {SLOT: slot, SLOT_TRIAL: trained}))
         except TrialAbandoned:
-            ray.get(pool.finish.remote(trial))
+            ray.get(pool.finish.remote(slot, trial))
             if world > 1:  # the other ranks wait in DDP's next all-reduce: a fresh worker group frees them
                 raise
             continue
         except BaseException:
-            ray.get(pool.failed.remote(trial, traceback.format_exc()))
+            ray.get(pool.failed.remote(slot, trial, traceback.format_exc()))
             raise
         finally:  # nothing of this trial stays on the device for the next one
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if rank == 0:
-            ray.get(pool.finish.remote(trial))
+            ray.get(pool.finish.remote(slot, trial))
