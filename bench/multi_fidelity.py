@@ -79,7 +79,7 @@ import torch
 
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
-from vpt_tune.search.driver import make_job
+from vpt_tune.search.jobs import make_job
 from vpt_tune.search.hypervolume import hypervolume, reference_point
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.results import STOPPED_AT

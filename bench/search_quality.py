@@ -32,7 +32,7 @@ import torch
 
 from vpt_tune.data.cache import cache_dir
 from vpt_tune.data.demo import materialise
-from vpt_tune.search.driver import make_job
+from vpt_tune.search.jobs import make_job
 from vpt_tune.search.hypervolume import hypervolume, reference_point
 from vpt_tune.search.space import DefineByRun, make_sampler
 from vpt_tune.spec import OBJECTIVES, SearchSpec, Spec, load_spec

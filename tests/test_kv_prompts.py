@@ -16,7 +16,7 @@ from vpt_tune.cli import main
 from vpt_tune.models.kv_prompts import KVPromptedAttention, KVPrompts
 from vpt_tune.models.placement import prompt_counts
 from vpt_tune.models.prompted_vit import PromptedViT
-from vpt_tune.search.driver import make_job
+from vpt_tune.search.jobs import make_job
 from vpt_tune.search.space import DefineByRun
 from vpt_tune.spec import SpecError, load_spec, validate
 from vpt_tune.methods import get_method

@@ -14,7 +14,8 @@ from vpt_tune.data.benchmarks import BENCHMARKS
 from vpt_tune.data.demo import DEMO_SIZES
 from vpt_tune.data.tasks import task_size
 from vpt_tune.search import plan
-from vpt_tune.search.driver import FINAL, make_job
+from vpt_tune.search.driver import FINAL
+from vpt_tune.search.jobs import make_job
 from vpt_tune.spec import load_spec, validate
 
 SPEED = plan.Speed(2e12, 5e12, "test")  # a given speed: no calibration in these tests

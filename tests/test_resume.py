@@ -155,7 +155,7 @@ def test_driver_killed_at_a_random_moment_resumes_to_the_uninterrupted_results(t
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from vpt_tune.search.driver import make_job
+    from vpt_tune.search.jobs import make_job
     from vpt_tune.search.runner import task_dirs
     from vpt_tune.spec import load_spec
 

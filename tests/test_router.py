@@ -13,12 +13,12 @@ from vpt_tune.spec import OBJECTIVES, Space
 METRIC, MODE = list(OBJECTIVES), list(OBJECTIVES.values())
 
 
-def _router(storage, budgets: dict[str, int]) -> TaskRouter:
+def _router(storage, budgets: dict[str, int], fixed: list[dict] = ()) -> TaskRouter:
     space = Space.model_validate({"num_prompts": {"int": [1, 64]}})
     searchers = {task: OptunaSearch(space=DefineByRun(space), metric=METRIC, mode=MODE, study_name=task,
                                     sampler=optuna.samplers.RandomSampler(seed=0), storage=storage)
                  for task in budgets}
-    return TaskRouter(searchers, budgets, METRIC, MODE)
+    return TaskRouter(searchers, budgets, METRIC, MODE, fixed)
 
 
 def _result(config: dict) -> dict:
@@ -55,3 +55,23 @@ def test_saved_router_restores_its_budgets_and_pending_trials(tmp_path):
     assert restored.suggest("t4") == Searcher.FINISHED
     study = optuna.load_study(study_name=second[TASK], storage=storage)
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 1
+
+
+def test_fixed_configs_go_first_as_they_are_and_reach_no_study(tmp_path):
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.log")))
+    fixed = [{"reference_trial": {TASK: "a", "reference": "linear", "base_lr": lr}} for lr in (0.1, 1.0)]
+    router = _router(storage, {"a": 1}, fixed)
+    assert [router.suggest("r0"), router.suggest("r1")] == fixed
+    searched = router.suggest("t0")
+    assert searched[TASK] == "a" and "num_prompts" in searched
+    router.save(str(tmp_path / "state.pkl"))  # every fixed config handed out: a restored router hands none again
+    restored = _router(storage, {"a": 1}, fixed)
+    restored.restore(str(tmp_path / "state.pkl"))
+    assert restored.suggest("t1") == Searcher.FINISHED
+
+    for trial_id in ("r0", "r1"):  # a fixed trial's results reach no study
+        restored.on_trial_result(trial_id, {"val_acc": 0.5, "prompt_tokens": 0, "gflops": 1.0})
+        restored.on_trial_complete(trial_id, {"val_acc": 0.5, "prompt_tokens": 0, "gflops": 1.0})
+    restored.on_trial_complete("t0", _result(searched))
+    study = optuna.load_study(study_name="a", storage=storage)
+    assert [t.values[1] for t in study.trials] == [searched["num_prompts"]]

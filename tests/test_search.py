@@ -239,12 +239,13 @@ def test_two_tasks_with_the_final_protocol(tmp_path, local_ray, capsys):
     result = run_search(validate(raw), name="final")
     table, experiment = result.table, result.experiment_dir
 
-    # Both tasks' trials ran in one Tune experiment, each task on its own Optuna study; the reference points in another.
+    # Both tasks' trials and reference points ran in one Tune experiment, each task on its own Optuna study.
     assert sorted(p.name for p in experiment.iterdir() if (p / "tuner.pkl").is_file()) == [
-        "final1", "references1", "search"]
+        "final1", "search"]
     journal = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal")))
-    assert sorted(s.study_name for s in optuna.get_all_study_summaries(journal)) == ["eurosat", "svhn"]
+    studies = optuna.get_all_study_summaries(journal)
+    assert sorted(s.study_name for s in studies) == ["eurosat", "svhn"] and all(s.n_trials == 1 for s in studies)
     searched, references = table[table["reference"] == ""], table[table["reference"] != ""]
     assert sorted(searched["task"]) == ["eurosat", "svhn"] and not references["pareto"].any()
 

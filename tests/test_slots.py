@@ -12,9 +12,12 @@ import pytest
 import ray
 import torch
 
-from vpt_tune.search import slots as slots_module
-from vpt_tune.search.slots import SlotPool, Slots
-from vpt_tune.train.slot_worker import CHECKPOINT_PATH, CLOSED, SLOT, SLOT_TRIAL, TrialCheckpoints
+from vpt_tune.search import slot_pool as pool_module
+from vpt_tune.search.jobs import TrialSetup
+from vpt_tune.search.slot_pool import SlotPool
+from vpt_tune.search.slots import Slots
+from vpt_tune.train.slot_protocol import CLOSED, SLOT, SLOT_TRIAL
+from vpt_tune.train.slot_worker import CHECKPOINT_PATH, TrialCheckpoints
 
 
 # ---------------------------------------------------------------- the pool's rules, without Ray
@@ -25,15 +28,15 @@ def _run(coroutine):
 
 
 def test_the_pool_hands_trials_in_order_and_each_slot_one_at_a_time(monkeypatch):
-    monkeypatch.setattr(slots_module, "TAKE_WAIT_S", 0.05)
+    monkeypatch.setattr(pool_module, "TAKE_WAIT_S", 0.05)
 
     async def scenario():
         pool = SlotPool(slots=2, max_failures=1)
         for name in ("a", "b", "c"):
-            await pool.submit(name, {"n": name}, f"/ckpt/{name}")
+            await pool.submit(name, {"n": name}, 0.0, f"start-{name}")
         first = await pool.take(0, 0, None)
         second = await pool.take(1, 0, None)
-        assert (first["trial"], second["trial"]) == ("a", "b") and first["checkpoints"] == "/ckpt/a"
+        assert (first["trial"], second["trial"]) == ("a", "b") and first["config"] == {"n": "a"}
         assert await pool.take(0, 0, "a") is None  # slot 0 still trains a: nothing new for it
         assert await pool.report(0, "a", {"epoch": 1})
         assert await pool.poll("a", 0, 0.01) == ([{"epoch": 1}], None)
@@ -47,11 +50,11 @@ def test_the_pool_hands_trials_in_order_and_each_slot_one_at_a_time(monkeypatch)
 
 
 def test_a_restarted_worker_group_gets_its_trial_again_until_max_failures(monkeypatch):
-    monkeypatch.setattr(slots_module, "TAKE_WAIT_S", 0.05)
+    monkeypatch.setattr(pool_module, "TAKE_WAIT_S", 0.05)
 
     async def scenario():
         pool = SlotPool(slots=1, max_failures=1)
-        await pool.submit("a", {}, "/a")
+        await pool.submit("a", {}, 0.0, "s")
         assert (await pool.take(0, 0, None))["trial"] == "a"
         await pool.failed(0, "a", "ValueError: boom")
         assert (await pool.take(0, 0, None))["trial"] == "a"  # restart 1 of 1 allowed: continues from its checkpoint
@@ -63,11 +66,11 @@ def test_a_restarted_worker_group_gets_its_trial_again_until_max_failures(monkey
 
 
 def test_other_ranks_train_what_rank_0_was_given(monkeypatch):
-    monkeypatch.setattr(slots_module, "TAKE_WAIT_S", 0.5)
+    monkeypatch.setattr(pool_module, "TAKE_WAIT_S", 0.5)
 
     async def scenario():
         pool = SlotPool(slots=1, max_failures=0)
-        await pool.submit("a", {}, "/a")
+        await pool.submit("a", {}, 0.0, "s")
         waiting = asyncio.ensure_future(pool.take(0, 1, None))  # rank 1 asks first: it waits for rank 0
         await asyncio.sleep(0.05)
         assert not waiting.done()
@@ -78,19 +81,19 @@ def test_other_ranks_train_what_rank_0_was_given(monkeypatch):
 
 
 def test_a_trial_whose_driver_is_gone_is_dropped(monkeypatch):
-    monkeypatch.setattr(slots_module, "TAKE_WAIT_S", 0.05)
-    monkeypatch.setattr(slots_module, "DRIVER_SILENCE_S", 0.2)
+    monkeypatch.setattr(pool_module, "TAKE_WAIT_S", 0.05)
+    monkeypatch.setattr(pool_module, "DRIVER_SILENCE_S", 0.2)
 
     async def scenario():
         pool = SlotPool(slots=1, max_failures=0)
-        await pool.submit("a", {}, "/a")
-        await pool.submit("b", {}, "/b")
+        await pool.submit("a", {}, 0.0, "s")
+        await pool.submit("b", {}, 0.0, "s")
         assert (await pool.take(0, 0, None))["trial"] == "a"
         await pool.release("a")  # its driver ended (stopped): the slot's next report is refused
         assert not await pool.report(0, "a", {"epoch": 1})
         await pool.finish(0, "a")
         await asyncio.sleep(0.3)  # b's driver fell silent (killed) before b started: b is skipped
-        await pool.submit("c", {}, "/c")
+        await pool.submit("c", {}, 0.0, "s")
         assert (await pool.take(0, 0, "a"))["trial"] == "c"
         assert await pool.report(0, "c", {"epoch": 1})
 
@@ -100,13 +103,13 @@ def test_a_trial_whose_driver_is_gone_is_dropped(monkeypatch):
 def test_the_trial_of_a_slot_that_stays_down_moves_to_a_free_slot(monkeypatch):
     """A lost node can take the resources a slot's restarted workers need while the other slots hold theirs: after
     ORPHAN_S without a heartbeat, the next free slot takes its trial over, and the old slot can no longer end it."""
-    monkeypatch.setattr(slots_module, "TAKE_WAIT_S", 0.05)
-    monkeypatch.setattr(slots_module, "ORPHAN_S", 0.2)
+    monkeypatch.setattr(pool_module, "TAKE_WAIT_S", 0.05)
+    monkeypatch.setattr(pool_module, "ORPHAN_S", 0.2)
 
     async def scenario():
         pool = SlotPool(slots=2, max_failures=1)
         for name in ("a", "b"):
-            await pool.submit(name, {}, f"/{name}")
+            await pool.submit(name, {}, 0.0, "s")
         assert (await pool.take(0, 0, None))["trial"] == "a"
         assert (await pool.take(1, 0, None))["trial"] == "b"
         await pool.finish(1, "b")
@@ -122,6 +125,14 @@ def test_the_trial_of_a_slot_that_stays_down_moves_to_a_free_slot(monkeypatch):
         assert await pool.take(0, 0, None) is None  # slot 0 restarted: a is not its trial any more
 
     _run(scenario())
+
+
+def test_a_trial_driver_and_the_pool_import_no_training_code():
+    """On slots a trial's driver only relays: its process (one per trial running at once, on a cluster's head) and
+    the pool's import neither torch nor timm."""
+    code = ("import sys, vpt_tune.search.driver, vpt_tune.search.slot_pool; "
+            "print(sorted(m for m in ('torch', 'timm', 'vpt_tune.train.job') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_checkpoints_are_whole_and_the_newest_two_kept(tmp_path):
@@ -144,9 +155,9 @@ def local_ray():
     ray.shutdown()
 
 
-def _train(pool, name: str, config: dict, folder) -> list[dict]:
-    """Hand ``config`` to the pool as a trial driver does; the trial's reports once it ended."""
-    ray.get(pool.submit.remote(name, config, str(folder / name)))
+def _train(pool, name: str, config: dict) -> list[dict]:
+    """Hand ``config`` (as Tune samples it) to the pool as a trial driver does; the trial's reports once it ended."""
+    ray.get(pool.submit.remote(name, config, time.time(), name))
     reports, outcome = [], None
     while outcome is None:
         new, outcome = ray.get(pool.poll.remote(name, len(reports), 1.0))
@@ -162,7 +173,6 @@ def test_one_slot_trains_each_trial_as_a_fresh_process_would(tmp_path, local_ray
     the same as A trained in a fresh process; the slot's worker started once."""
     from test_search import small_spec
 
-    from vpt_tune.search.driver import worker_config
     from vpt_tune.search.runner import task_dirs
     from vpt_tune.spec import validate
     from vpt_tune.train.job import CHECKPOINT_FILE
@@ -171,10 +181,10 @@ def test_one_slot_trains_each_trial_as_a_fresh_process_would(tmp_path, local_ray
     folders = {task: str(folder) for task, folder in task_dirs(spec).items()}
     a = {"task": "digits", "num_prompts": 4, "placement": "deep", "base_lr": 0.3}
     b = {"task": "digits", "num_prompts": 7, "placement": "last_k", "depth": 5, "base_lr": 0.1}
-    slots = Slots(spec, 1, tmp_path / "slots")
+    setup = TrialSetup(spec, folders, str(tmp_path), "")
+    slots = Slots(setup, 1, tmp_path / "slots")
     try:
-        runs = {name: _train(slots.pool, name, worker_config(spec, folders, config, tmp_path / name, ""), tmp_path)
-                for name, config in (("a1", a), ("b", b), ("a2", a))}
+        runs = {name: _train(slots.pool, name, config) for name, config in (("a1", a), ("b", b), ("a2", a))}
     finally:
         slots.close()
     assert [runs[n][-1][SLOT_TRIAL] for n in ("a1", "b", "a2")] == [1, 2, 3]  # one worker process, three trials
@@ -187,7 +197,7 @@ def test_one_slot_trains_each_trial_as_a_fresh_process_would(tmp_path, local_ray
     assert all(torch.equal(trained["a1"][k], trained["a2"][k]) for k in trained["a1"])
 
     # The same job in a fresh process (1 thread, as the slot's worker): the same bits.
-    job = worker_config(spec, folders, a, tmp_path / "fresh", "")["job"]
+    job = setup.worker_config(a, "fresh", time.time(), "fresh")["job"]
     fresh_file = tmp_path / "fresh.pt"
     script = ("import json, sys, torch; from vpt_tune.train.job import Job, run; torch.set_num_threads(1); "
               "model, metrics = run(Job.from_dict(json.loads(sys.argv[1])), torch.device('cpu')); "
@@ -202,29 +212,25 @@ def test_one_slot_trains_each_trial_as_a_fresh_process_would(tmp_path, local_ray
 def test_a_slot_drops_a_trial_whose_driver_stopped_and_trains_the_next(tmp_path, local_ray):
     from test_search import small_spec
 
-    from vpt_tune.search.driver import worker_config
     from vpt_tune.search.runner import task_dirs
     from vpt_tune.spec import validate
 
-    spec = validate(small_spec(tmp_path, train={"epochs": 30, "batch_size": 64, "warmup_epochs": 0, "reuse_base": False}))
+    spec = validate(small_spec(tmp_path, train={"epochs": 8, "batch_size": 64, "warmup_epochs": 0, "reuse_base": False}))
     folders = {task: str(folder) for task, folder in task_dirs(spec).items()}
     config = {"task": "digits", "num_prompts": 2, "placement": "deep", "base_lr": 0.3}
-    slots = Slots(spec, 1, tmp_path / "slots")
+    slots = Slots(TrialSetup(spec, folders, str(tmp_path), ""), 1, tmp_path / "slots")
     try:
-        long = worker_config(spec, folders, config, tmp_path / "long", "")
-        ray.get(slots.pool.submit.remote("long", long, str(tmp_path / "long")))
+        ray.get(slots.pool.submit.remote("long", config, time.time(), "long"))
         deadline = time.monotonic() + 120
         while not ray.get(slots.pool.poll.remote("long", 0, 1.0))[0]:  # its first epoch reported
             assert time.monotonic() < deadline
-        ray.get(slots.pool.release.remote("long"))  # the driver stopped: 29 epochs left untrained
-        short = worker_config(spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 1})}),
-                              folders, config, tmp_path / "short", "")
-        reports = _train(slots.pool, "short", short, tmp_path)
+        ray.get(slots.pool.release.remote("long"))  # the driver stopped: 7 epochs left untrained
+        reports = _train(slots.pool, "short", config)
     finally:
         slots.close()
-    assert reports[-1][SLOT_TRIAL] == 2 and reports[-1]["epoch"] == 1
+    assert reports[-1][SLOT_TRIAL] == 2 and reports[-1]["epoch"] == 8
     long_epochs = sorted(TrialCheckpoints(tmp_path / "long").folder.glob("checkpoint_*"))
-    assert long_epochs and int(long_epochs[-1].name.split("_")[1]) < 30  # it ended at the next report
+    assert long_epochs and int(long_epochs[-1].name.split("_")[1]) < 8  # it ended at the next report
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import ray
 
 from vpt_tune.cost import ViTShape
 from vpt_tune.errors import UserError
-from vpt_tune.search.driver import make_job
+from vpt_tune.search.jobs import make_job
 from vpt_tune.search.space import sample_configs
 from vpt_tune.spec import Spec
 from vpt_tune.train.probe import MemoryProbe, probe_memory

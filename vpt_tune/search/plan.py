@@ -35,7 +35,8 @@ from vpt_tune.data.benchmarks import expand_tasks, find_task_dir, get_benchmark
 from vpt_tune.data.demo import DEMO_CLASSES, DEMO_SIZES
 from vpt_tune.data.tasks import TaskSize, task_size
 from vpt_tune.errors import UserError
-from vpt_tune.search.driver import FINAL, REFERENCE, REFERENCE_TRIAL, make_job
+from vpt_tune.search.driver import FINAL, REFERENCE, REFERENCE_TRIAL
+from vpt_tune.search.jobs import make_job
 from vpt_tune.search.router import TASK
 from vpt_tune.search.space import sample_configs
 from vpt_tune.spec import Spec

@@ -16,6 +16,7 @@ import pandas as pd
 
 from vpt_tune.methods import METHODS
 from vpt_tune.spec import Space, SpecError
+from vpt_tune.train.slot_protocol import SLOT, SLOT_TRIAL
 
 TABLE_FILE = "trials.parquet"
 STATE_FILE = "experiment.json"  # MLflow URI and run ids, so `vpt-tune resume` continues the same runs
@@ -28,7 +29,7 @@ ACCURACY_METRICS = ("val_acc", *(metric for method in METHODS.values() for metri
 COST_METRICS = ("prompt_tokens", "kv_tokens", "gflops", "trainable_params")  # known before training
 TIMING_METRICS = ("train_seconds", "startup_seconds", "setup_seconds")
 EPOCH_METRICS = (*ACCURACY_METRICS, "train_loss", "lr", "epoch_seconds", *TIMING_METRICS)  # logged every epoch
-SLOT_COLUMNS = ("slot", "slot_trial")  # the slot that trained a trial, and its how-manieth trial (resources.slots)
+SLOT_COLUMNS = (SLOT, SLOT_TRIAL)  # the slot that trained a trial, and its how-manieth trial (resources.slots)
 METRIC_COLUMNS = (*ACCURACY_METRICS, *COST_METRICS, "train_loss", "epoch", *TIMING_METRICS, *SLOT_COLUMNS, STOPPED_AT)
 FINAL_COLUMNS = ("test_acc", "test_acc_std", "test_seeds")  # the final protocol's, on Pareto trials
 

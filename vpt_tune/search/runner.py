@@ -1,14 +1,14 @@
 """Runs a search: checks the spec's inputs, then one Ray Tune experiment over every task, each task
-driven by its own Optuna study, then the reference points, then the final retrains.
+driven by its own Optuna study (the reference points' trials first), then the final retrains.
 
 Layout of an experiment directory ``<storage>/<name>/``::
 
     spec.yaml            the validated spec as run
     experiment.json      the MLflow URI and run ids (search, tasks), for `vpt-tune resume`
     optuna.journal       every task's Optuna study (one study per task, named after it)
-    search/              the Tune experiment of every task's trials (trial states, results); search.more1,
-                         ... hold the trials added by `vpt-tune resume --set search.trials_per_task=N`
-    references1/         the reference points' trials (with ``search.references``); references2, ... after a resume
+    search/              the Tune experiment of every task's trials and reference points (trial states, results);
+                         search.more1, ... hold the trials added by `vpt-tune resume --set search.trials_per_task=N`
+                         (references1/, ...: experiments of earlier versions ran the reference points after the search)
     final1/              the final retrains of the Pareto configs and selected references (``final.seeds``); final2, ...
     train_runs/          each trial's epoch checkpoints (prompts, head, optimiser), in a folder named after it
     slots/               the Ray Train runs of the slots that trained the trials (resources.slots)
@@ -50,6 +50,7 @@ from vpt_tune.models.backbone import ModelError, check_weights
 from vpt_tune.search.driver import (
     DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, REFERENCE, REFERENCE_TRIAL, run_trial, trial_resources, trial_task, unwrap,
 )
+from vpt_tune.search.jobs import TrialSetup
 from vpt_tune.search.packing import probe_on_a_gpu, resolve_gpus
 from vpt_tune.search.pareto import pareto_mask
 from vpt_tune.search.plan import make_plan, plan_lines, trials_at_once
@@ -273,48 +274,44 @@ def concurrency(spec: Spec) -> int:
 
 class ProgressPrinter(tune.Callback):
     """Logs one line per finished trial: the task's done/total, the trial's objectives, the task's
-    front size, and over all tasks done/total and the ETA.
+    front size, and over all tasks done/total and the ETA. A reference point's trial (``references[task]``
+    of them per task) is counted apart, under ``[task reference]``.
 
     Counts come from Tune's trial list (plus ``earlier[task]``: trials of the previous experiments),
     so a restored experiment keeps counting right.
     """
 
-    def __init__(self, totals: dict[str, int], earlier: dict[str, int], accuracy: str = "val_acc", label: str = ""):
+    def __init__(self, totals: dict[str, int], earlier: dict[str, int], accuracy: str = "val_acc", label: str = "",
+                 references: dict[str, int] | None = None):
         # Logs through the module's logger: Tune pickles its callbacks with the experiment state, so no
         # function attributes.
         self.totals, self.earlier, self.accuracy, self.label = totals, earlier, accuracy, label
+        self.references = references or {}
         self.started = time.monotonic()
         self.new = 0  # trials finished since this process started (for the ETA)
 
     def _line(self, trials, trial, outcome: str) -> None:
         self.new += 1
-        task = trial_task(trial.config)
+        task, reference = trial_task(trial.config), REFERENCE_TRIAL in trial.config
         ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is trial]  # this one ends now
-        mine = [t for t in ended if trial_task(t.config) == task]
-        finished = [{k: t.last_result[k] for k in OBJECTIVES} for t in mine
+        mine = [t for t in ended if trial_task(t.config) == task and (REFERENCE_TRIAL in t.config) == reference]
+        searched = [t for t in ended if trial_task(t.config) == task and REFERENCE_TRIAL not in t.config]
+        finished = [{k: t.last_result[k] for k in OBJECTIVES} for t in searched
                     if (t.status == "TERMINATED" or (t is trial and outcome != "FAILED"))
                     and all(k in t.last_result for k in OBJECTIVES) and not t.last_result.get(STOPPED_AT)]
         front = int(pareto_mask(pd.DataFrame(finished)).sum()) if finished else 0
-        done, total = sum(self.earlier.values()) + len(ended), sum(self.totals.values())
+        done = sum(self.earlier.values()) + len(ended)
+        total = sum(self.totals.values()) + sum(self.references.values())
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.new * max(0, total - done)
         overall = f"all tasks {done}/{total} | " if len(self.totals) > 1 else ""
+        count = f"{len(mine)}/{self.references[task]}" if reference else \
+            f"{self.earlier.get(task, 0) + len(mine)}/{self.totals[task]}"
         log.info(
-            f"[{task}{self.label}] {self.earlier.get(task, 0) + len(mine)}/{self.totals[task]} trials | "
+            f"[{task}{' reference' if reference else self.label}] {count} trials | "
             f"{trial.trial_id}: {outcome} | front: {front} pts | "
             f"{overall}{elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left"
         )
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        r = trial.last_result
-        outcome = f"{self.accuracy} {r['val_acc']:.3f}, {r['prompt_tokens']:.1f} tokens, {r['gflops']:.2f} GFLOPs"
-        if r.get(STOPPED_AT):
-            outcome = f"stopped at epoch {r[STOPPED_AT]} ({outcome})"
-        self._line(trials, trial, outcome)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trials, trial, "FAILED")
-
 
 RunOf = Callable[[str, str], "str | None"]  # (task, trial id) -> the trial's MLflow run id
 
@@ -545,6 +542,8 @@ class Search:
     slots: Slots | None = field(default=None, init=False)  # while it runs trials (resources.slots)
 
     def __post_init__(self):
+        self.setup = TrialSetup(self.spec, {task: str(folder) for task, folder in self.tasks.items()},
+                                str(self.experiment_dir / TRAIN_RUNS), str(self.experiment_dir / "base_models"))
         self.journal = optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(str(self.experiment_dir / "optuna.journal"))
         )
@@ -565,18 +564,22 @@ class Search:
             self.tracker.reopen(run_id)
         grids: list[tune.ResultGrid] = []
         table = None
-        self.slots = Slots(self.spec, parallel, self.experiment_dir / SLOT_RUNS) if self.spec.resources.slots else None
+        self.slots = Slots(self.setup, parallel, self.experiment_dir / SLOT_RUNS) if self.spec.resources.slots else None
         try:
-            total = budget * len(self.tasks)
+            total = budget * len(self.tasks) + len(self._reference_configs())
             self._restore("search", grids, total)  # finished trials kept, running ones continue
+            searches = len(grids)
+            self._restore("references", grids, total)  # an earlier version's experiment: references after the search
             done = dict.fromkeys(self.tasks, 0)
-            for result in (r for grid in grids for r in grid):
+            for result in (r for grid in grids for r in grid if REFERENCE_TRIAL not in r.config):
                 done[result.config[TASK]] += 1
             todo = {task: budget - count for task, count in done.items() if count < budget}
-            if todo:
-                self._fit(self._tuner(todo, done, parallel, len(grids)), grids, total)
+            trained = {tuple(unwrap(r.config)[k] for k in (TASK, REFERENCE, "base_lr"))
+                       for grid in grids for r in grid if REFERENCE_TRIAL in r.config}
+            untrained = [c for c in self._reference_configs() if (c[TASK], c[REFERENCE], c["base_lr"]) not in trained]
+            if todo or untrained:
+                self._fit(self._tuner(todo, done, untrained, parallel, searches), grids, total)
             self._fail_orphans()  # not after a Ctrl-C: its stopped trials are still running in their studies
-            self._references(grids, parallel)
             table = results_table(grids, self._run_of)
             finals = self._final(table, parallel) if self.spec.final.seeds else None
         except BaseException as err:
@@ -689,46 +692,18 @@ class Search:
         return [{TASK: task, REFERENCE: name, "base_lr": lr} for task in self.tasks for name in self.spec.search.references
                 for lr in self.spec.method_options(name).base_lrs]
 
-    def _references(self, grids: list[tune.ResultGrid], parallel: int) -> None:
-        """Train the reference points (``search.references``) of every task, each on its own lr grid, in their own
-        Tune experiments (``references1``, ...: restored when interrupted), appending their grids to ``grids``."""
-        configs = self._reference_configs()
-        if not configs:
-            return
-        found: list[tune.ResultGrid] = []
-        self._restore("references", found, len(configs))
-        done = {tuple(unwrap(r.config)[k] for k in (TASK, REFERENCE, "base_lr")) for grid in found for r in grid}
-        todo = [c for c in configs if (c[TASK], c[REFERENCE], c["base_lr"]) not in done]
-        if todo:
-            log.info("reference points: %d trial(s) of %s", len(todo), ", ".join(self.spec.search.references))
-            totals = pd.Series([c[TASK] for c in todo]).value_counts().to_dict()
-            self._fit(tune.Tuner(
-                self._trainable(),
-                param_space={REFERENCE_TRIAL: tune.grid_search(todo)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=parallel, reuse_actors=REUSE_TRIAL_ACTORS),
-                run_config=tune.RunConfig(
-                    name=f"references{len(found) + 1}", storage_path=str(self.experiment_dir), verbose=0,
-                    callbacks=[TrialLogger(self.tracker, self.task_runs), ProgressPrinter(totals, {}, label=" reference")],
-                ),
-            ), found, len(configs))
-        grids.extend(found)
-
     def _trainable(self):
+        on = {"pool": self.slots.pool} if self.slots is not None else {"train_alone": self.setup.train_alone}
         return tune.with_resources(
-            tune.with_parameters(
-                run_trial,
-                spec_json=self.spec.model_dump_json(by_alias=True),
-                task_dirs={task: str(folder) for task, folder in self.tasks.items()},
-                train_storage=str(self.experiment_dir / TRAIN_RUNS),
-                base_store=str(self.experiment_dir / "base_models"),
-                pool=self.slots.pool if self.slots is not None else None,
-            ),
+            tune.with_parameters(run_trial, **on),
             trial_resources(DRIVER_RESOURCE if DRIVER_RESOURCE in ray.cluster_resources() else None),
         )
 
-    def _tuner(self, todo: dict[str, int], done: dict[str, int], parallel: int, index: int) -> tune.Tuner:
+    def _tuner(self, todo: dict[str, int], done: dict[str, int], references: list[dict], parallel: int,
+               index: int) -> tune.Tuner:
         """A new Tune experiment of ``todo[task]`` more trials per task, each on the task's (possibly
-        continued) Optuna study."""
+        continued) Optuna study, and the reference points' trials ``references`` (first: they are on the
+        fronts from early on, and they share the slots with the search instead of waiting for its end)."""
         metric, mode = list(OBJECTIVES), list(OBJECTIVES.values())
         searchers = {
             task: StudySearch(
@@ -746,8 +721,8 @@ class Search:
         return tune.Tuner(
             self._trainable(),
             tune_config=tune.TuneConfig(
-                search_alg=TaskRouter(searchers, todo, metric, mode),
-                num_samples=sum(todo.values()),
+                search_alg=TaskRouter(searchers, todo, metric, mode, [{REFERENCE_TRIAL: c} for c in references]),
+                num_samples=sum(todo.values()) + len(references),
                 max_concurrent_trials=parallel,
                 reuse_actors=REUSE_TRIAL_ACTORS,
             ),
@@ -756,7 +731,8 @@ class Search:
                 storage_path=str(self.experiment_dir),
                 verbose=0,
                 callbacks=[*([judge] if judge else []), TrialLogger(self.tracker, self.task_runs),
-                           ProgressPrinter(totals, done)],
+                           ProgressPrinter(totals, done, references=pd.Series(
+                               [c[TASK] for c in references], dtype=str).value_counts().to_dict())],
             ),
         )
 

@@ -25,7 +25,7 @@ from vpt_tune.search.router import TASK
 from vpt_tune.search.results import (
     COST_METRICS, EPOCH_METRICS, MLFLOW_RUN_ID, STOPPED_AT, search_trials, selected_references, short_config,
 )
-from vpt_tune.train.slot_worker import SLOT, SLOT_TRIAL
+from vpt_tune.train.slot_protocol import SLOT, SLOT_TRIAL
 from vpt_tune.train.worker import NODE, REUSED_BASE
 
 FRONT_COSTS = ("prompt_tokens", "gflops")

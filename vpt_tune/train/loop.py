@@ -19,10 +19,7 @@ import torch
 from torch import nn
 
 from vpt_tune.data.splits import ImageSplit
-
-
-class DivergenceError(RuntimeError):
-    """The training loss became NaN or infinite."""
+from vpt_tune.errors import DivergenceError
 
 
 @dataclass(frozen=True)

@@ -117,10 +117,6 @@ def probe_memory(model: str, img_size: int, counts: Sequence[int], classes: int,
     return MemoryProbe(total, first.peak_memory_bytes, rates)
 
 
-class GpuMemoryError(RuntimeError):
-    """A trial ran out of GPU memory (the message says what to set)."""
-
-
 def out_of_memory_message(peak_bytes: int, total_bytes: int, gpus_per_worker: float, batch_size: int) -> str:
     """What a trial that ran out of GPU memory tells the user: what it had, and what to set."""
     gib = 1024**3

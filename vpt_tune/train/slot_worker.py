@@ -1,7 +1,9 @@
 """A slot's Ray Train workers: trial after trial from the search's slot pool, in processes that live on.
 
 A slot is one long-lived Ray Train run (see :mod:`vpt_tune.search.slots`). Its workers ask the pool for a
-trial, train it with :func:`~vpt_tune.train.worker.train_trial`, tell the pool it ended and ask for the next,
+trial, make its workers' config (the search's ``setup``: :class:`vpt_tune.search.jobs.TrialSetup`, so the
+trial's driver needs none of the training code), train it with :func:`~vpt_tune.train.worker.train_trial`,
+tell the pool it ended and ask for the next,
 keeping their imports, CUDA context and in-memory caches between trials. A trial keeps nothing of the one
 before: its model, prompts, head and optimiser are built afresh and every random generator is seeded from
 its own job (``tests/test_slots.py`` checks that a config trained first and third on one slot gives the
@@ -28,12 +30,10 @@ import ray.train
 import torch
 
 from vpt_tune.train.job import CHECKPOINT_FILE
+from vpt_tune.train.slot_protocol import CLOSED, SLOT, SLOT_TRIAL
 from vpt_tune.train.worker import train_trial
 
 CHECKPOINT_PATH = "checkpoint_path"  # result key: a trial's newest checkpoint folder (as Ray Train's reports name it)
-CLOSED = "closed"  # what the pool answers a worker once the search is over
-SLOT = "slot"  # result key: the slot that trains the trial
-SLOT_TRIAL = "slot_trial"  # result key: the how-manieth trial of its slot's worker process (1: it paid the start-up)
 KEEP_CHECKPOINTS = 2
 HEARTBEAT_S = 2.0  # how often a slot's rank 0 tells the pool it lives
 
@@ -101,14 +101,14 @@ def slot_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of a slot's TorchTrainer: trains the trials the pool hands this slot until the
     pool closes. A trial that raises fails the worker group (Ray Train restarts it, and the pool hands the
     restarted group the same trial again, up to ``train.max_failures`` times, from its last checkpoint)."""
-    pool, slot = config["pool"], config["slot"]
+    pool, slot, setup = config["pool"], config["slot"], config["setup"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     alive = threading.Event()
     if rank == 0:  # the pool hands the trial of a slot that stays down to another slot
         threading.Thread(target=_heartbeat, args=(pool, slot, alive), daemon=True).start()
     try:
-        _train_trials(pool, slot, rank, world)
+        _train_trials(pool, slot, rank, world, setup)
     finally:
         alive.set()
 
@@ -121,8 +121,9 @@ def _heartbeat(pool: ray.actor.ActorHandle, slot: int, stop: threading.Event) ->
             continue
 
 
-def _train_trials(pool: ray.actor.ActorHandle, slot: int, rank: int, world: int) -> None:
-    """Take, train and end trials until the pool closes."""
+def _train_trials(pool: ray.actor.ActorHandle, slot: int, rank: int, world: int, setup: Any) -> None:
+    """Take, train and end trials until the pool closes; ``setup`` makes a leased trial's workers' config
+    (``setup.worker_config``) and names its checkpoint folder (``setup.checkpoints``)."""
     previous = None  # the trial this worker trained last (None: the worker group has just started)
     trained = 0  # trials this process has trained
     while (lease := ray.get(pool.take.remote(slot, rank, previous))) != CLOSED:
@@ -130,7 +131,8 @@ def _train_trials(pool: ray.actor.ActorHandle, slot: int, rank: int, world: int)
             continue
         trial, previous, trained = lease["trial"], lease["trial"], trained + 1
         try:
-            train_trial(lease["config"], SlotIO(pool, trial, lease["checkpoints"], rank, {SLOT: slot, SLOT_TRIAL: trained}))
+            config = setup.worker_config(lease["config"], trial, lease["started_at"], lease["start_id"])
+            train_trial(config, SlotIO(pool, trial, setup.checkpoints(trial), rank, {SLOT: slot, SLOT_TRIAL: trained}))
         except TrialAbandoned:
             ray.get(pool.finish.remote(slot, trial))
             if world > 1:  # the other ranks wait in DDP's next all-reduce: a fresh worker group frees them

@@ -26,13 +26,11 @@ import ray.train
 import torch
 from ray.train.torch import get_device, prepare_model
 
+from vpt_tune.errors import DIVERGED, OUT_OF_MEMORY, DivergenceError
 from vpt_tune.train.job import CHECKPOINT_FILE, DONE, Job, run
-from vpt_tune.train.loop import DivergenceError
 from vpt_tune.train.probe import out_of_memory_message
 from vpt_tune.train.rung_decision import RUNG_DECISION, await_decision, decision_file
 
-DIVERGED = "diverged"  # metric carrying a DivergenceError's message to the trial
-OUT_OF_MEMORY = "out_of_memory"  # metric carrying what to set after a trial ran out of GPU memory
 NODE = "node_id"  # result key: the Ray node rank 0 trains on
 COMPLETE = "trial_complete"  # result key, in a trial's last report only: it ran to its end
 REUSED_BASE = "reused_base_from"  # result key: the trial whose trained, uncondensed model this one started from
