@@ -75,3 +75,10 @@ def test_fixed_configs_go_first_as_they_are_and_reach_no_study(tmp_path):
     restored.on_trial_complete("t0", _result(searched))
     study = optuna.load_study(study_name="a", storage=storage)
     assert [t.values[1] for t in study.trials] == [searched["num_prompts"]]
+
+
+def test_a_router_an_earlier_version_pickled_still_suggests(tmp_path):
+    """Experiments begun before fixed configs existed restore a router without them: it goes on as before."""
+    router = _router(optuna.storages.InMemoryStorage(), {"a": 1})
+    del router.__dict__["fixed"]  # as unpickled from such an experiment
+    assert router.suggest("t0")[TASK] == "a" and router.suggest("t1") == Searcher.FINISHED

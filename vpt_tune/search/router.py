@@ -24,6 +24,8 @@ class TaskRouter(Searcher):
     budget of ``budgets[task]`` trials, after handing out the ``fixed`` configs; FINISHED once every
     task has used its budget."""
 
+    fixed: list[dict[str, Any]] = []  # none in a router an earlier version pickled with its experiment (never changed)
+
     def __init__(self, searchers: dict[str, Searcher], budgets: dict[str, int], metric: list[str], mode: list[str],
                  fixed: list[dict[str, Any]] = ()):
         super().__init__(metric=metric, mode=mode)

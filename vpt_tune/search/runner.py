@@ -281,6 +281,8 @@ class ProgressPrinter(tune.Callback):
     so a restored experiment keeps counting right.
     """
 
+    references: dict[str, int] = {}  # none in a printer an earlier version pickled with its experiment
+
     def __init__(self, totals: dict[str, int], earlier: dict[str, int], accuracy: str = "val_acc", label: str = "",
                  references: dict[str, int] | None = None):
         # Logs through the module's logger: Tune pickles its callbacks with the experiment state, so no
@@ -305,13 +307,15 @@ class ProgressPrinter(tune.Callback):
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.new * max(0, total - done)
         overall = f"all tasks {done}/{total} | " if len(self.totals) > 1 else ""
-        count = f"{len(mine)}/{self.references[task]}" if reference else \
+        # (an earlier version's printer of a references experiment counted them in its totals)
+        count = f"{len(mine)}/{self.references.get(task) or self.totals.get(task, 0)}" if reference else \
             f"{self.earlier.get(task, 0) + len(mine)}/{self.totals[task]}"
         log.info(
             f"[{task}{' reference' if reference else self.label}] {count} trials | "
             f"{trial.trial_id}: {outcome} | front: {front} pts | "
             f"{overall}{elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left"
         )
+
 
 RunOf = Callable[[str, str], "str | None"]  # (task, trial id) -> the trial's MLflow run id
 
