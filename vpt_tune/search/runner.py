@@ -316,6 +316,16 @@ class ProgressPrinter(tune.Callback):
             f"{overall}{elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min left"
         )
 
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result
+        outcome = f"{self.accuracy} {r['val_acc']:.3f}, {r['prompt_tokens']:.1f} tokens, {r['gflops']:.2f} GFLOPs"
+        if r.get(STOPPED_AT):
+            outcome = f"stopped at epoch {r[STOPPED_AT]} ({outcome})"
+        self._line(trials, trial, outcome)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, trial, "FAILED")
+
 
 RunOf = Callable[[str, str], "str | None"]  # (task, trial id) -> the trial's MLflow run id
 
@@ -581,6 +591,9 @@ class Search:
             trained = {tuple(unwrap(r.config)[k] for k in (TASK, REFERENCE, "base_lr"))
                        for grid in grids for r in grid if REFERENCE_TRIAL in r.config}
             untrained = [c for c in self._reference_configs() if (c[TASK], c[REFERENCE], c["base_lr"]) not in trained]
+            if untrained:
+                log.info("reference points: %d trial(s) of %s, first among the trials", len(untrained),
+                         ", ".join(self.spec.search.references))
             if todo or untrained:
                 self._fit(self._tuner(todo, done, untrained, parallel, searches), grids, total)
             self._fail_orphans()  # not after a Ctrl-C: its stopped trials are still running in their studies
