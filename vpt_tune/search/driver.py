@@ -34,6 +34,11 @@ def unwrap(config: dict[str, Any]) -> dict[str, Any]:
     return config.get(FINAL) or config.get(REFERENCE_TRIAL) or config
 
 
+def is_reference(config: dict[str, Any]) -> bool:
+    """Whether a trial config is a reference point's (see :data:`REFERENCE_TRIAL`)."""
+    return REFERENCE_TRIAL in config
+
+
 def trial_task(config: dict[str, Any]) -> str:
     """The task a trial config (a search trial's, a reference point's or a final retrain's) trains on."""
     return unwrap(config)[TASK]

@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from vpt_tune.data.benchmarks import get_benchmark
-from vpt_tune.search.driver import FINAL, REFERENCE, REFERENCE_TRIAL, trial_task, unwrap
+from vpt_tune.search.driver import FINAL, REFERENCE, is_reference, trial_task, unwrap
 from vpt_tune.spec import Space, Spec
 from vpt_tune.train.job import Job, expected_cost
 from vpt_tune.train.worker import RUNGS, STARTED_AT, train_worker
@@ -62,7 +62,6 @@ def make_job(spec: Spec, task_dir: str, config: dict[str, Any]) -> Job:
     )
 
 
-
 @dataclass(frozen=True)
 class TrialSetup:
     """What every trial of a search shares: the spec, each task's folder, where trials keep their epoch
@@ -84,7 +83,7 @@ class TrialSetup:
         spec = self.spec
         job = make_job(spec, self.task_dirs[trial_task(config)], config)
         res = spec.resources
-        rungs = [] if FINAL in config or REFERENCE_TRIAL in config else spec.search.early_stopping.rungs(spec.train.epochs)
+        rungs = [] if FINAL in config or is_reference(config) else spec.search.early_stopping.rungs(spec.train.epochs)
         return {
             "job": asdict(job),
             "report": expected_cost(job).as_dict(),  # judged on its final cost while it trains

@@ -27,6 +27,7 @@ import re
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,8 @@ from vpt_tune.data.tasks import decode_task_split, task_classes
 from vpt_tune.errors import SearchInterrupted
 from vpt_tune.models.backbone import ModelError, check_weights
 from vpt_tune.search.driver import (
-    DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, REFERENCE, REFERENCE_TRIAL, run_trial, trial_resources, trial_task, unwrap,
+    DRIVER_RESOURCE, FINAL, RAY_TRAIN_POLL, REFERENCE, REFERENCE_TRIAL, is_reference, run_trial, trial_resources,
+    trial_task, unwrap,
 )
 from vpt_tune.search.jobs import TrialSetup
 from vpt_tune.search.packing import probe_on_a_gpu, resolve_gpus
@@ -294,10 +296,11 @@ class ProgressPrinter(tune.Callback):
 
     def _line(self, trials, trial, outcome: str) -> None:
         self.new += 1
-        task, reference = trial_task(trial.config), REFERENCE_TRIAL in trial.config
+        task, reference = trial_task(trial.config), is_reference(trial.config)
         ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is trial]  # this one ends now
-        mine = [t for t in ended if trial_task(t.config) == task and (REFERENCE_TRIAL in t.config) == reference]
-        searched = [t for t in ended if trial_task(t.config) == task and REFERENCE_TRIAL not in t.config]
+        of_task = [t for t in ended if trial_task(t.config) == task]
+        mine = [t for t in of_task if is_reference(t.config) == reference]
+        searched = [t for t in of_task if not is_reference(t.config)]
         finished = [{k: t.last_result[k] for k in OBJECTIVES} for t in searched
                     if (t.status == "TERMINATED" or (t is trial and outcome != "FAILED"))
                     and all(k in t.last_result for k in OBJECTIVES) and not t.last_result.get(STOPPED_AT)]
@@ -325,6 +328,12 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trials, trial, "FAILED")
+
+
+def reference_key(config: dict) -> tuple:
+    """What tells a reference point's trials apart: (task, reference method, lr); ``config`` wrapped or not."""
+    config = unwrap(config)
+    return config[TASK], config[REFERENCE], config["base_lr"]
 
 
 RunOf = Callable[[str, str], "str | None"]  # (task, trial id) -> the trial's MLflow run id
@@ -585,12 +594,11 @@ class Search:
             searches = len(grids)
             self._restore("references", grids, total)  # an earlier version's experiment: references after the search
             done = dict.fromkeys(self.tasks, 0)
-            for result in (r for grid in grids for r in grid if REFERENCE_TRIAL not in r.config):
+            for result in (r for grid in grids for r in grid if not is_reference(r.config)):
                 done[result.config[TASK]] += 1
             todo = {task: budget - count for task, count in done.items() if count < budget}
-            trained = {tuple(unwrap(r.config)[k] for k in (TASK, REFERENCE, "base_lr"))
-                       for grid in grids for r in grid if REFERENCE_TRIAL in r.config}
-            untrained = [c for c in self._reference_configs() if (c[TASK], c[REFERENCE], c["base_lr"]) not in trained]
+            trained = {reference_key(r.config) for grid in grids for r in grid if is_reference(r.config)}
+            untrained = [c for c in self._reference_configs() if reference_key(c) not in trained]
             if untrained:
                 log.info("reference points: %d trial(s) of %s, first among the trials", len(untrained),
                          ", ".join(self.spec.search.references))
@@ -748,8 +756,7 @@ class Search:
                 storage_path=str(self.experiment_dir),
                 verbose=0,
                 callbacks=[*([judge] if judge else []), TrialLogger(self.tracker, self.task_runs),
-                           ProgressPrinter(totals, done, references=pd.Series(
-                               [c[TASK] for c in references], dtype=str).value_counts().to_dict())],
+                           ProgressPrinter(totals, done, references=Counter(c[TASK] for c in references))],
             ),
         )
 

@@ -38,7 +38,7 @@ import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from vpt_tune.search.driver import REFERENCE_TRIAL, trial_task
+from vpt_tune.search.driver import is_reference, trial_task
 from vpt_tune.search.pareto import crowding_distance, nondominated_ranks
 from vpt_tune.search.results import MLFLOW_RUN_ID, STOPPED_AT
 from vpt_tune.spec import rung_epochs
@@ -163,7 +163,7 @@ class RungJudge(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result
-        if result.get(COMPLETE) and REFERENCE_TRIAL not in trial.config:  # reference points never stop a trial
+        if result.get(COMPLETE) and not is_reference(trial.config):  # reference points never stop a trial
             self.rungs.finish(trial_task(trial.config), trial.trial_id, float(result["val_acc"]), _costs(result))
 
     def get_state(self) -> dict[str, Any]:

@@ -70,7 +70,6 @@ class Slots:
         ) for slot in range(count)]
         self.threads = [threading.Thread(target=self._run, args=(slot,), name=f"slot{slot}", daemon=True)
                         for slot in range(count)]
-        self.closed = False
         for thread in self.threads:
             thread.start()
         log.info("%d slot(s): long-lived Ray Train worker groups of %d worker(s) each, trial after trial",
@@ -89,10 +88,7 @@ class Slots:
             pass
 
     def close(self, timeout: float = 30.0) -> None:
-        """End every slot's Train run (its workers return between trials) and the pool; once is enough."""
-        if self.closed:
-            return
-        self.closed = True
+        """End every slot's Train run (its workers return between trials) and the pool."""
         try:
             ray.get(self.pool.close.remote(), timeout=timeout)
         except ray.exceptions.RayError:
